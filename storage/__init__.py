@@ -1,0 +1,1 @@
+"""The data contract: dataset layout, Parquet schemas, atomic writes, hashing, media I/O."""
