@@ -55,6 +55,14 @@ def check_safe_name(name: str, what: str = "name") -> str:
     return name
 
 
+def _public_mode(path: str | Path, base: int) -> None:
+    """mkstemp/mkdtemp create owner-only entries; give finished outputs the usual umask mode so
+    a training job running as another user can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, base & ~umask)
+
+
 def clip_key(product_id: str, clip_id: str) -> str:
     return f"{product_id}_{clip_id}"
 
@@ -121,6 +129,7 @@ class DatasetRoot:
         os.close(fd)
         try:
             yield Path(tmp)
+            _public_mode(tmp, 0o666)
             os.replace(tmp, final)
         finally:
             if os.path.exists(tmp):
@@ -134,6 +143,7 @@ class DatasetRoot:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
             yield tmp
+            _public_mode(tmp, 0o777)
             if final.exists():  # a finished older version: swap it out, then drop it
                 old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex}")
                 os.replace(final, old)

@@ -1,0 +1,213 @@
+"""MLflow access: where runs are tracked, the model registry, aliases and model resolution.
+
+Tracking: MLFLOW_TRACKING_URI when set (a real `mlflow server`, which then decides where artifacts
+go), else a SQLite database under the project's data directory with artifacts next to it
+(MLflow's file store is deprecated). The registry lives in the same store.
+
+Registry: every evaluated model becomes a version of `product-video-generator`, registered from
+the run's checkpoint folder, with its metrics as version tags `metric.<name>`. The newest version
+gets alias `challenger`; `champion` moves to it only when it beats the current champion on the
+primary metric (or there is no champion yet). `models:/product-video-generator@champion` is what
+generate and evaluate load by default. Aliases only: MLflow 3 deprecates stages.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+MODEL_NAME = "product-video-generator"
+CHAMPION, CHALLENGER = "champion", "challenger"
+DEFAULT_MODEL_URI = f"models:/{MODEL_NAME}@{CHAMPION}"
+METRIC_TAG_PREFIX = "metric."
+
+
+class ModelNotFoundError(LookupError):
+    """The requested registered model / alias / version does not exist; the message says what to do."""
+
+
+def _mlflow_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir).resolve() / "mlflow"
+
+
+def tracking_uri(data_dir: str | Path = "data") -> str:
+    """MLFLOW_TRACKING_URI if set, else sqlite:///<abs data_dir>/mlflow/mlflow.db (folder created)."""
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    folder = _mlflow_dir(data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def setup_mlflow(experiment: str, data_dir: str | Path = "data") -> str:
+    """Point MLflow (tracking + registry) at `tracking_uri(data_dir)`, select `experiment`, return its id.
+
+    A new experiment on the local default store keeps its artifacts under
+    <data_dir>/mlflow/artifacts (MLflow would otherwise write ./mlruns wherever it runs); on a
+    server the server's artifact destination applies.
+    """
+    local_default = not os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri(data_dir)
+    # MLflow 3 also exports the URI to MLFLOW_TRACKING_URI here (for subprocesses).
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    existing = client.get_experiment_by_name(experiment)
+    if existing is not None:
+        experiment_id = existing.experiment_id
+    else:
+        artifact_location = None
+        if local_default:
+            artifacts = _mlflow_dir(data_dir) / "artifacts"
+            artifacts.mkdir(parents=True, exist_ok=True)
+            artifact_location = artifacts.as_uri()
+        experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _metric_tag(value) -> str:
+    """A metric as a tag value: the number, or 'unavailable: <reason>' for a MetricValue without one."""
+    if isinstance(value, Mapping):
+        if "value" not in value:
+            return f"unavailable: {value.get('unavailable', 'no value')}"
+        value = value["value"]
+    return repr(float(value))
+
+
+def version_metrics(name: str, version: str | int, client: MlflowClient | None = None) -> dict[str, float]:
+    """The numeric metric tags of a model version (unavailable ones left out)."""
+    client = client or MlflowClient()
+    tags = client.get_model_version(name, str(version)).tags
+    numbers = {}
+    for key, text in tags.items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                numbers[key[len(METRIC_TAG_PREFIX):]] = float(text)
+            except ValueError:
+                continue  # "unavailable: ..."
+    return numbers
+
+
+def register_model_version(run_id: str, artifact_path: str, metrics: Mapping,
+                           name: str = MODEL_NAME, tags: Mapping[str, str] | None = None) -> str:
+    """Register the checkpoint folder logged at runs:/<run_id>/<artifact_path>; return the version.
+
+    `metrics` maps names to floats or MetricValues; each becomes a version tag metric.<name>.
+    """
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # mlflow.register_model("runs:/...") in MLflow 3 only accepts logged MLflow models; the
+    # checkpoint is a plain artifact folder, so the version's source is its artifact URI.
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
+    version = client.create_model_version(
+        name, source, run_id=run_id,
+        tags={**{METRIC_TAG_PREFIX + key: _metric_tag(value) for key, value in metrics.items()},
+              **(tags or {})})
+    return str(version.version)
+
+
+def set_alias(name: str, alias: str, version: str | int) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def promote_if_better(name: str, version: str | int, primary_metric: str,
+                      higher_is_better: bool = True) -> dict:
+    """Set `challenger` on `version`; move `champion` to it only if it beats the champion.
+
+    "Beats" means strictly better on `primary_metric`; with no champion yet the challenger becomes
+    champion; a challenger or champion without that metric (unavailable) leaves the champion where
+    it is. The decision and its reason are returned and recorded as tags on the version.
+    """
+    client = MlflowClient()
+    version = str(version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    challenger_value = version_metrics(name, version, client).get(primary_metric)
+    champion_version = _alias_version(client, name, CHAMPION)
+    champion_value = (version_metrics(name, champion_version, client).get(primary_metric)
+                      if champion_version is not None else None)
+    better = "higher" if higher_is_better else "lower"
+
+    if champion_version == version:
+        promoted, reason = False, f"version {version} already is the champion"
+    elif challenger_value is None or math.isnan(challenger_value):
+        promoted, reason = False, f"version {version} has no value for {primary_metric}"
+    elif champion_version is None:
+        promoted, reason = True, "there was no champion yet"
+    elif champion_value is None:
+        promoted, reason = False, (f"champion version {champion_version} has no {primary_metric} "
+                                   "to compare with; move the alias by hand if intended")
+    elif (challenger_value > champion_value) if higher_is_better else (challenger_value < champion_value):
+        promoted, reason = True, (f"{primary_metric} {challenger_value:.4g} beats champion version "
+                                  f"{champion_version}'s {champion_value:.4g} ({better} is better)")
+    else:
+        promoted, reason = False, (f"{primary_metric} {challenger_value:.4g} does not beat champion "
+                                   f"version {champion_version}'s {champion_value:.4g} "
+                                   f"({better} is better)")
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    decision = {"name": name, "version": version, "primary_metric": primary_metric,
+                "higher_is_better": higher_is_better, "challenger_value": challenger_value,
+                "champion_version": champion_version, "champion_value": champion_value,
+                "promoted": promoted, "reason": reason,
+                "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    client.set_model_version_tag(name, version, "promotion.promoted", str(promoted).lower())
+    client.set_model_version_tag(name, version, "promotion.reason", reason)
+    return decision
+
+
+def _parse_alias_uri(uri: str) -> tuple[str, str] | None:
+    """models:/<name>@<alias> -> (name, alias); other URIs -> None."""
+    if uri.startswith("models:/") and "@" in uri:
+        name, alias = uri[len("models:/"):].rstrip("/").split("@", 1)
+        return name, alias
+    return None
+
+
+def resolve_model_uri(uri: str = DEFAULT_MODEL_URI, dst_path: str | Path | None = None) -> Path:
+    """A local folder holding the checkpoint named by `uri`.
+
+    Accepts a local folder (returned as is), models:/<name>@<alias>, models:/<name>/<version>,
+    runs:/<run_id>/<path> or any artifact URI MLflow can download (into `dst_path` or a temp dir).
+    """
+    if not urlparse(uri).scheme:
+        local = Path(uri).expanduser()
+        if not local.is_dir():
+            raise ModelNotFoundError(f"{uri} is neither a model URI nor an existing checkpoint folder")
+        return local
+    alias = _parse_alias_uri(uri)
+    if alias is not None:
+        name, alias_name = alias
+        if _alias_version(MlflowClient(), name, alias_name) is None:
+            raise ModelNotFoundError(
+                f"no version of {name} has alias {alias_name} yet: run the retrain or "
+                "train+evaluate flows, or pass a local checkpoint")
+    if dst_path is not None:
+        Path(dst_path).mkdir(parents=True, exist_ok=True)
+    try:
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                     dst_path=None if dst_path is None else str(dst_path))
+    except MlflowException as error:
+        raise ModelNotFoundError(f"could not download {uri}: {error.message}") from error
+    return Path(folder)
