@@ -215,7 +215,7 @@ def add_bad_inputs(source: Path, cfg: StudioConfig | None = None) -> dict[str, s
     rows = [{"product_id": s.product_id, **s.meta()} for s in specs]
     rows.append(rows[-1])  # MUG9016 listed twice
     expected["products.csv:MUG9016"] = (
-        "kept: products.csv lists MUG9016 twice with identical rows "
+        "index_duplicate_kept: products.csv lists MUG9016 twice with identical rows "
         "(the same metadata twice: product kept once)"
     )
 

@@ -1,0 +1,104 @@
+"""The sampler end to end on tiny components: determinism, compositing, guidance branches."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import load_model_config
+from models.pipeline import ProductVideoPipeline
+from models.tiny import materialize_tiny
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny ops on a shared 2-core box: two OpenMP threads spin against each other (~70x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    cfg = load_model_config(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml")
+    cfg = materialize_tiny(cfg, tmp_path_factory.mktemp("tiny_wan"))
+    pipe = ProductVideoPipeline.from_model_config(cfg)
+    with torch.no_grad():  # open the product gates so the product condition matters
+        for block in pipe.transformer.wan.blocks:
+            block.attn2.processor.gate.fill_(1.0)
+    return pipe
+
+
+def scene(batch=2, frames=5):
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (batch, 3, frames, 32, 48), generator=g).float() / 255
+    mask = torch.zeros(batch, 1, frames, 32, 48)
+    mask[..., 8:24, 16:40] = 1
+    images = [[np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8) for i in range(n)]
+              for n in (1, 4)][:batch]
+    return video * (1 - mask), mask, images
+
+
+def generate(pipe, seed, **kwargs):
+    masked_video, mask, images = scene()
+    return pipe(masked_video, mask, images, ["a red bag on a table", "a silver watch"], num_inference_steps=3,
+                generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_same_seed_same_video_other_seed_other_video(pipe):
+    first, again, other = generate(pipe, 0), generate(pipe, 0), generate(pipe, 1)
+    assert first.shape == (2, 3, 5, 32, 48)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_unmasked_pixels_are_returned_exactly(pipe):
+    masked_video, mask, _ = scene()
+    for feather_px in (0, 2):
+        video = generate(pipe, 0, feather_px=feather_px)
+        outside = torch.ones_like(mask, dtype=torch.bool)
+        outside[..., 8 - feather_px:24 + feather_px, 16 - feather_px:40 + feather_px] = False
+        outside = outside.expand_as(video)
+        assert torch.equal(video[outside], masked_video[outside])
+    as_uint8 = generate(pipe, 0, output_type="np")
+    assert as_uint8.shape == (2, 5, 32, 48, 3) and as_uint8.dtype == np.uint8
+    expected = (masked_video.permute(0, 2, 3, 4, 1) * 255).round().to(torch.uint8).numpy()
+    keep = (mask.permute(0, 2, 3, 4, 1) == 0).expand(-1, -1, -1, -1, 3).numpy()
+    assert np.array_equal(as_uint8[keep], expected[keep])
+
+
+def test_guidance_scales_change_the_result_and_one_branch_is_plain_conditioning(pipe):
+    guided = generate(pipe, 0, output_type="latent")
+    conditional = generate(pipe, 0, output_type="latent", text_guidance_scale=1.0, product_guidance_scale=1.0)
+    product_only = generate(pipe, 0, output_type="latent", text_guidance_scale=1.0, product_guidance_scale=3.0)
+    assert guided.shape == (2, 16, 2, 4, 6)
+    assert not torch.allclose(guided, conditional) and not torch.allclose(product_only, conditional)
+
+
+def test_euler_scheduler_and_progress_callback(pipe):
+    from models.pipeline import make_scheduler
+
+    steps = []
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler("euler", 3.0)
+    try:
+        video = generate(pipe, 0, callback=lambda step, total: steps.append((step, total)))
+    finally:
+        pipe.scheduler = original
+    assert steps == [(1, 3), (2, 3), (3, 3)] and torch.isfinite(video).all()
+
+
+def test_bad_inputs_are_rejected(pipe):
+    masked_video, mask, images = scene()
+    with pytest.raises(ValueError, match="4k\\+1"):
+        pipe(masked_video[:, :, :4], mask[:, :, :4], images, "x", num_inference_steps=1)
+    with pytest.raises(ValueError, match="1..5"):
+        pipe(masked_video, mask, [images[0], images[1] * 2], "x", num_inference_steps=1)
+
+
+def test_pipeline_save_and_from_pretrained_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = ProductVideoPipeline.from_pretrained(tmp_path)
+    assert type(loaded.transformer) is type(pipe.transformer) and loaded.config.text_max_length == 16
+    assert torch.equal(generate(loaded, 0), generate(pipe, 0))
