@@ -85,6 +85,7 @@ class Runner:
             "product_images": product_images_task.with_options(result_storage=storage),
         }
         self.items: dict[PrefectFuture, tuple[str, dict, dict]] = {}
+        self.work: dict[str, collections.Counter] = {stage: collections.Counter() for stage in self.tasks}
 
     def submit(self, stage: str, label: dict, **kwargs) -> PrefectFuture:
         future = self.tasks[stage].submit(root=str(self.root.root), **kwargs)
@@ -96,8 +97,11 @@ class Runner:
         stage, label, kwargs = self.items.pop(future)
         try:
             result = future.result()
+            cached = future.state.name == "Cached"
             if not self._outputs_exist(stage, result):
                 result = self.tasks[stage].with_options(refresh_cache=True).submit(root=str(self.root.root), **kwargs).result()
+                cached = False
+            self.work[stage]["cached" if cached else "ran"] += 1
         except SystemicError:
             raise
         except Exception as exc:  # an unexpected bug on one item: set it aside, keep the run going
@@ -192,17 +196,18 @@ def build_dataset(
         root.write_manifest(name, manifest_rows)
     root.write_json("dataset.json", dataset_json)
 
-    summary = _summary(manifests, rows)
+    summary = _summary(manifests, rows, run.work)
     _publish_summary(summary, root)
     return summary
 
 
-def _summary(manifests: dict[str, list[dict]], dataset_rows: list[dict]) -> dict:
+def _summary(manifests: dict[str, list[dict]], dataset_rows: list[dict], work: dict[str, collections.Counter]) -> dict:
     rejects = collections.Counter((r["stage"], r["reason_code"]) for r in manifests["rejects"])
     splits = collections.Counter(r["split"] for r in dataset_rows)
     split_products = {s: len({r["product_id"] for r in dataset_rows if r["split"] == s}) for s in SPLITS}
     return {
         "items": {name: len(rows) for name, rows in manifests.items() if name != "rejects"},
+        "task_runs": {stage: {"ran": c["ran"], "cached": c["cached"]} for stage, c in work.items()},
         "rejects": {f"{stage}/{code}": n for (stage, code), n in sorted(rejects.items())},
         "clips_per_split": {s: splits.get(s, 0) for s in SPLITS},
         "products_per_split": split_products,
@@ -211,6 +216,7 @@ def _summary(manifests: dict[str, list[dict]], dataset_rows: list[dict]) -> dict
 
 def _publish_summary(summary: dict, root: DatasetRoot) -> None:
     table = [{"section": "items", "name": k, "count": v} for k, v in summary["items"].items()]
+    table += [{"section": "task runs (ran / from cache)", "name": k, "count": f"{v['ran']} / {v['cached']}"} for k, v in summary["task_runs"].items()]
     table += [{"section": "rejects", "name": k, "count": v} for k, v in summary["rejects"].items()]
     table += [{"section": "clips per split", "name": k, "count": v} for k, v in summary["clips_per_split"].items()]
     create_table_artifact(table, key="build-dataset-summary", description=f"Dataset at `{root.root}`: items per stage, rejects by reason, clips per split")

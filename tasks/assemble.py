@@ -4,7 +4,7 @@ Splits are by product (no product in two splits), stratified by category, 8:1:1 
 sticky: a product keeps the split it had in the previous build of the same root. Rebuilding after
 new products arrive therefore never moves a test product into training (which would make the new
 model's test figures meaningless next to the old one's). New products go, in a seeded order, to
-whichever split of their category is furthest below its target share.
+whichever split is furthest below its target share (within the category and overall).
 """
 
 from __future__ import annotations
@@ -26,26 +26,37 @@ class SplitConfig(BaseModel):
 
 
 def assign_splits(categories: dict[str, str], previous: dict[str, str], cfg: SplitConfig) -> dict[str, str]:
-    """{product_id: category} -> {product_id: split}, keeping `previous` assignments."""
+    """{product_id: category} -> {product_id: split}, keeping `previous` assignments.
+
+    A new product goes to the split furthest below its share within its category plus overall:
+    large categories come out 8:1:1 each, and many small ones (a single product each, where a
+    per-category rule would put every product in train) still fill val and test overall.
+    """
     total = sum(cfg.ratios)
     shares = [r / total for r in cfg.ratios]
     by_category: dict[str, list[str]] = defaultdict(list)
     for pid, cat in categories.items():
         by_category[cat].append(pid)
-    result: dict[str, str] = {}
+    result = {pid: previous[pid] for pid in categories if previous.get(pid) in SPLITS}
+    overall = dict.fromkeys(SPLITS, 0)
+    for split in result.values():
+        overall[split] += 1
+
+    def deficits(counts: dict[str, int]) -> list[float]:
+        n = sum(counts.values()) + 1
+        return [shares[i] * n - counts[s] for i, s in enumerate(SPLITS)]
+
     for cat, pids in sorted(by_category.items()):
-        counts = dict.fromkeys(SPLITS, 0)
+        in_category = dict.fromkeys(SPLITS, 0)
         for pid in pids:
-            if previous.get(pid) in counts:
-                result[pid] = previous[pid]
-                counts[previous[pid]] += 1
-        new = sorted((p for p in pids if p not in result), key=lambda p: sha256_json([cfg.seed, p]))
-        for pid in new:
-            n = sum(counts.values()) + 1
-            deficits = [shares[i] * n - counts[s] for i, s in enumerate(SPLITS)]
-            split = SPLITS[max(range(3), key=lambda i: (deficits[i], -i))]
+            if pid in result:
+                in_category[result[pid]] += 1
+        for pid in sorted((p for p in pids if p not in result), key=lambda p: sha256_json([cfg.seed, p])):
+            need = [a + b for a, b in zip(deficits(in_category), deficits(overall))]
+            split = SPLITS[max(range(3), key=lambda i: (need[i], -i))]
             result[pid] = split
-            counts[split] += 1
+            in_category[split] += 1
+            overall[split] += 1
     return result
 
 

@@ -89,3 +89,9 @@ def test_assemble_joins_stages_and_writes_the_seed_schema():
     assert list(entry) == ["product_id", "clip_id", "video_path", "masked_video_path", "mask_dir", "product_images", "caption", "num_frames", "fps"]
     assert entry["product_images"] == ["product_images/A/back.png", "product_images/A/front.png", "product_images/A/side.png"]
     assert ds["val"] == [] and ds["test"] == []
+
+
+def test_many_small_categories_still_fill_val_and_test():
+    cats = {f"p{i:02d}": f"cat{i % 12}" for i in range(12)}  # 12 categories of one product
+    counts = Counter(assign_splits(cats, {}, SplitConfig()).values())
+    assert counts["val"] >= 1 and counts["test"] >= 1 and counts["train"] >= 8
