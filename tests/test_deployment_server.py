@@ -78,8 +78,9 @@ def test_deployment_run_on_a_real_server_and_ui(prefect_server, tmp_path):
     source, output = tmp_path / "source", tmp_path / "dataset"
     generate_studio(source, tmp_path / "truth", StudioConfig.tiny(num_products=3))
 
-    _prefect(env, "work-pool", "create", "local-process", "--type", "process")
-    _prefect(env, "--no-prompt", "deploy", "--all")
+    for pool in ("local-process", "gpu-process"):  # every pool prefect.yaml names
+        _prefect(env, "work-pool", "create", pool, "--type", "process")
+    _prefect(env, "--no-prompt", "deploy", "--name", "build-dataset/demo")
     worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "local-process"], env=env, cwd=REPO, stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         params = ["--param", f"source={source}", "--param", f"output={output}", "--param", 'scenes={"min_short_side": null, "height": 96, "width": 144}']
