@@ -1,0 +1,107 @@
+"""Weights-free product segmentation for clean studio backdrops.
+
+A studio backdrop is smooth: a colour with a gentle lighting gradient, plus sensor/compression
+noise. Per frame, a low-order polynomial in (x, y) is fitted to the backdrop's Lab colour on a
+band along the frame border (robustly: pixels of a product touching the border are dropped as
+outliers), and every pixel whose colour is far from the fitted backdrop, relative to the noise
+measured on the border, is foreground. Morphology removes speckle; the connected components
+large enough to be an object are counted.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, Field
+
+from models.segmenters.base import SegmentationOutput
+
+# Robust refits of the backdrop model; each drops border pixels that do not look like backdrop.
+_FIT_ITERATIONS = 3
+# Border pixels farther than this many noise scales from the fit are outliers (product, text).
+_OUTLIER_SCALES = 3.0
+
+
+class ClassicSettings(BaseModel):
+    classic_border_px: int = Field(12, ge=1, description="width of the frame-border band that models the backdrop")
+    classic_degree: int = Field(2, ge=0, le=3, description="degree of the backdrop's polynomial colour gradient")
+    classic_threshold_k: float = Field(4.0, gt=0, description="foreground: Lab distance > k x backdrop noise")
+    classic_min_delta_e: float = Field(8.0, ge=0, description="foreground threshold floor, in Lab units (Delta E 76)")
+    classic_min_object_fraction: float = Field(
+        0.003, gt=0, lt=1, description="a connected component counts as an object from this fraction of the frame"
+    )
+
+
+def _monomials(degree: int) -> list[tuple[int, int]]:
+    """Exponents (i, j) of the terms x^i y^j of a polynomial of total degree <= `degree`."""
+    return [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]
+
+
+def _fit_backdrop(lab: np.ndarray, border_px: int, degree: int) -> tuple[np.ndarray, float]:
+    """(backdrop Lab image fitted on the border band, median border residual = the noise scale)."""
+    h, w, _ = lab.shape
+    xs, ys = np.linspace(-1, 1, w, dtype=np.float32), np.linspace(-1, 1, h, dtype=np.float32)
+    terms = _monomials(degree)
+    band = np.zeros((h, w), bool)
+    b = min(border_px, h // 4, w // 4)
+    band[:b], band[-b:], band[:, :b], band[:, -b:] = True, True, True, True
+    band[1::2], band[:, 1::2] = False, False  # every other pixel: as good a fit, a quarter of the work
+    rows, cols = np.nonzero(band)
+    basis = np.stack([xs[cols] ** i * ys[rows] ** j for i, j in terms], axis=1)
+    colours = lab[rows, cols]
+
+    inliers = np.ones(len(colours), bool)
+    for _ in range(_FIT_ITERATIONS):
+        coef, *_ = np.linalg.lstsq(basis[inliers], colours[inliers], rcond=None)  # (terms, 3)
+        residual = np.linalg.norm(colours - basis @ coef, axis=1)
+        noise = float(np.median(residual[inliers]))
+        # A noise-free backdrop (synthetic, flat) gives noise 0: keep exact matches as inliers.
+        keep = residual <= max(_OUTLIER_SCALES * noise, 1e-3)
+        if keep.sum() < len(terms) * 4:  # too few backdrop pixels left to refit: stop here
+            break
+        inliers = keep
+
+    # Evaluate separably: sum_ij c_ij x^i y^j = Y @ A with Y[:, j] = y^j and A[j] = sum_i c_ij x^i.
+    y_powers = ys[:, None] ** np.arange(degree + 1, dtype=np.float32)
+    backdrop = np.empty_like(lab)
+    for channel in range(3):
+        a = np.zeros((degree + 1, w), np.float32)
+        for (i, j), c in zip(terms, coef[:, channel]):
+            a[j] += c * xs**i
+        backdrop[..., channel] = y_powers @ a
+    return backdrop, noise
+
+
+def foreground_mask(rgb: np.ndarray, settings: ClassicSettings) -> np.ndarray:
+    """(H, W) bool: pixels whose colour differs from the fitted backdrop beyond its noise."""
+    lab = cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+    backdrop, noise = _fit_backdrop(lab, settings.classic_border_px, settings.classic_degree)
+    distance = np.linalg.norm(lab - backdrop, axis=2)
+    threshold = max(settings.classic_threshold_k * noise, settings.classic_min_delta_e)
+    mask = (distance > threshold).astype(np.uint8)
+    # Opening drops isolated noise pixels; closing rejoins a product split by a backdrop-coloured seam.
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    return mask.astype(bool)
+
+
+def count_objects(mask: np.ndarray, min_fraction: float) -> int:
+    """Number of connected components of at least `min_fraction` of the frame."""
+    _, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return int((stats[1:, cv2.CC_STAT_AREA] >= min_fraction * mask.size).sum())
+
+
+class ClassicSegmenter:
+    """Backdrop colour model per frame; the text prompt is not used (a studio shows one thing)."""
+
+    name = "classic"
+
+    def __init__(self, settings: ClassicSettings):
+        self.settings = settings
+
+    def segment(self, frames: np.ndarray, prompt: str) -> SegmentationOutput:
+        masks = np.stack([foreground_mask(rgb, self.settings) for rgb in frames])
+        counts = [count_objects(m, self.settings.classic_min_object_fraction) for m in masks]
+        # The median over frames: two products that touch for a few frames are still two.
+        return SegmentationOutput(masks=masks, num_objects=int(np.median(counts)))
