@@ -22,11 +22,9 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.filesystems import LocalFileSystem
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.hashing import sha256_json
 from storage.layout import DatasetRoot
 from storage.rejects import reject_row
 from tasks.assemble import SPLITS, SplitConfig, assemble
@@ -35,7 +33,7 @@ from tasks.masking import MaskConfig, masking_task
 from tasks.product_images import ImageConfig, product_images_task
 from tasks.scenes import SceneConfig, scenes_task
 from tasks.segment import SegmentConfig, segment_task
-from tasks.stage import StageResult, SystemicError
+from tasks.stage import StageResult, SystemicError, cache_storage
 
 # Fields of each stage's rows that name files under the root: a cached result whose files are
 # gone (someone deleted them) is recomputed instead of trusted.
@@ -45,13 +43,6 @@ OUTPUT_FIELDS = {
     "masking": ("masked_video_path",),
     "product_images": ("image_path",),
 }
-
-
-def _cache_storage(root: DatasetRoot) -> LocalFileSystem:
-    """Task results (the stage cache) live under the dataset root, so deleting OUT resets it."""
-    block = LocalFileSystem(basepath=str(root.cache_dir))
-    block.save(f"build-dataset-cache-{sha256_json(str(root.root))[:16]}", overwrite=True)
-    return block
 
 
 class Progress:
@@ -77,7 +68,7 @@ class Runner:
 
     def __init__(self, root: DatasetRoot, progress: Progress):
         self.root, self.progress = root, progress
-        storage = _cache_storage(root)
+        storage = cache_storage(root)
         self.tasks = {
             "scenes": scenes_task.with_options(result_storage=storage),
             "segment": segment_task.with_options(result_storage=storage),

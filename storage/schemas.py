@@ -118,6 +118,22 @@ DATASET = pa.schema(
     ]
 )
 
+# Precompute: one row per clip whose training tensors are stored (tasks/precompute.py).
+LATENTS = pa.schema(
+    [
+        pa.field("clip_key", pa.string(), nullable=False),
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("signature", pa.string(), nullable=False),  # encoders + sample shape the tensors come from
+        pa.field("path", pa.string(), nullable=False),  # latents/{signature}/{clip_key}.safetensors
+        pa.field("shapes", pa.string(), nullable=False),  # JSON {tensor name: shape}
+        pa.field("num_images", pa.int32(), nullable=False),  # product photos encoded
+        pa.field("sha256", pa.string(), nullable=False),  # of the safetensors file
+    ]
+)
+
 # Everything a stage set aside, with a stable code and a sentence for humans.
 REJECTS = pa.schema(
     [
@@ -138,6 +154,7 @@ MANIFESTS: dict[str, pa.Schema] = {
     "masked_videos": MASKED_VIDEOS,
     "product_images": PRODUCT_IMAGES,
     "dataset": DATASET,
+    "latents": LATENTS,
     "rejects": REJECTS,
 }
 

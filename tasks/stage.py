@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from prefect import task
+from prefect.filesystems import LocalFileSystem
 from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 from storage.hashing import sha256_json
+from storage.layout import DatasetRoot
 
 
 class SystemicError(RuntimeError):
@@ -51,6 +53,14 @@ def _jsonable(obj: Any) -> Any:
 def cache_key(stage: str, version: str, parameters: dict[str, Any]) -> str:
     """Key of one stage run: stage name + code version + inputs (which carry content hashes)."""
     return f"{stage}-{version}-" + sha256_json(_jsonable(parameters))
+
+
+def cache_storage(root: DatasetRoot) -> LocalFileSystem:
+    """Where stage results (the cache) live: under the dataset root, so deleting OUT resets it.
+    Prefect wants result storage saved as a block; one block per root."""
+    block = LocalFileSystem(basepath=str(root.cache_dir))
+    block.save(f"stage-cache-{sha256_json(str(root.root))[:16]}", overwrite=True)
+    return block
 
 
 def _not_systemic(_task, _run, state) -> bool:

@@ -1,0 +1,225 @@
+"""evaluate: a trained model -> metrics per split and category, the PoC report, a registry version.
+
+```
+model (models:/...@champion | runs:/<id>/model | folder) ─ load pipeline ─┬─ evaluate test split (every clip)
+                                                                         └─ evaluate train split (a few clips)
+   ─ MLflow run "evaluate-..." (metrics, per-clip rows, videos) ─ PoC report (+ training loss curve)
+   ─ register version of `product-video-generator` ─ challenger alias ─ champion if better
+```
+
+Settings come from the model's own run config (what it was trained with); `config` replaces its
+`data`, `evaluate`, `registry` and `mlflow` sections (the model section always stays the
+model's), `dataset` its dataset root. The report's train criteria need train-split metrics, so
+a few train clips are generated too (`train_clips`).
+
+Registering: a model from a training run (`runs:/<id>/model`, what the train flow returns)
+becomes a new version whose source is that run's artifact; a local model folder is first logged
+to the evaluation run; a model that already is a registry version is not registered again. Each
+version carries the test metrics as tags `metric.<name>`, the evaluation run id, and the
+training data it was trained on (clip keys + content hashes, see tasks.evaluate.training_data_hashes)
+so `retrain` can tell whether the dataset has new data since.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.generate import pick_device
+from models import metrics as m
+from storage import tracking
+from storage.hashing import sha256_json
+from tasks.evaluate import evaluate_split_task, split_rows, training_data_hashes
+from tasks.model_store import load_pipeline, read_model_card, read_run_config
+from tasks.report import publish_poc_report
+from tasks.run_config import MlflowConfig, RunConfig, load_run_config
+
+LOSS_METRIC = "loss"  # what the train flow (tasks/train.py) logs per optimizer step
+TRAINING_DATA_ARTIFACT = "training_data.json"
+TRAINING_DATA_TAG = "training_data.fingerprint"
+TRAINING_DATA_RUN_TAG = "training_data.run_id"  # the run whose artifacts hold TRAINING_DATA_ARTIFACT
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model URI points in MLflow: the run that produced it (None for a plain folder),
+    the artifact path in that run, and its registry version when the URI names one."""
+
+    uri: str
+    run_id: str | None
+    artifact_path: str | None
+    version: str | None
+
+
+def model_source(uri: str) -> ModelSource:
+    """Resolve runs:/<id>/<path>, models:/<name>@<alias> and models:/<name>/<version>; a local
+    folder has no run (it is logged to the evaluation run when registered)."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        return ModelSource(uri, run_id, path.strip("/") or "model", None)
+    if uri.startswith("models:/"):
+        client = MlflowClient()
+        reference = uri[len("models:/"):].rstrip("/")
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            try:
+                version = client.get_model_version_by_alias(name, alias)
+            except mlflow.exceptions.MlflowException as error:
+                raise tracking.ModelNotFoundError(
+                    f"no version of {name} has alias {alias} yet: run the train and evaluate flows "
+                    "(or retrain) first, or pass a runs:/ URI or a local model folder") from error
+        else:
+            version = client.get_model_version(*reference.rsplit("/", 1))
+        return ModelSource(uri, version.run_id, None, str(version.version))
+    return ModelSource(uri, None, None, None)
+
+
+def effective_config(model_config: RunConfig, config: str | None, dataset: str | None) -> RunConfig:
+    """The model's run config with data/evaluate/registry/mlflow from `config` and the dataset root."""
+    merged = model_config
+    if config:
+        override = load_run_config(config)
+        merged = merged.model_copy(update={name: getattr(override, name)
+                                           for name in ("data", "evaluate", "registry", "mlflow")})
+    if dataset:
+        merged = merged.model_copy(update={"data": merged.data.model_copy(update={"root": dataset})})
+    return merged
+
+
+def loss_history(run_id: str | None) -> list[tuple[int, float]]:
+    """The training run's per-step loss as (step, loss) pairs (empty without a run)."""
+    if run_id is None:
+        return []
+    history = MlflowClient().get_metric_history(run_id, LOSS_METRIC)
+    return [(point.step, point.value) for point in sorted(history, key=lambda p: (p.step, p.timestamp))]
+
+
+def _numbers(prefix: str, metrics: dict) -> dict[str, float]:
+    return {f"{prefix}/{name}": value["value"] for name, value in metrics.items()
+            if isinstance(value, dict) and "value" in value}
+
+
+def metrics_table(results: dict[str, dict], split: str) -> list[dict]:
+    """One row per metric: its value (or why unavailable) per split and per category of `split`."""
+    columns = {name: result["overall"] for name, result in results.items()}
+    columns |= {f"{split}: {category}": row for category, row in results[split]["by_category"].items()}
+    names = sorted({name for column in columns.values() for name in column})
+    table = []
+    for name in names:
+        row = {"metric": name}
+        for column, values in columns.items():
+            value = values.get(name)
+            row[column] = ("—" if value is None else f"{value['value']:.4g}" if "value" in value
+                           else f"unavailable: {value['unavailable']}")
+        table.append(row)
+    return table
+
+
+def _record_training_data(run_id: str, model_config: RunConfig, card: dict) -> str:
+    """Log {clip_key: content hash} of the data the model was trained on; return its fingerprint.
+
+    The dataset is the one the model card (else the model's run config) names, read now: the
+    evaluate flow runs right after training in train -> evaluate and retrain.
+    """
+    root = card.get("dataset_root") or model_config.data.root
+    hashes = training_data_hashes(root)
+    MlflowClient().log_dict(run_id, {"dataset_root": str(root), "clips": hashes}, TRAINING_DATA_ARTIFACT)
+    return sha256_json(hashes)
+
+
+def register_evaluated(source: ModelSource, model_dir: Path, eval_run_id: str, test_metrics: dict,
+             run_config: RunConfig, fingerprint: str, log) -> dict:
+    """A registry version for the evaluated model (see the module doc) and the promotion decision."""
+    name = run_config.registry.model_name
+    if source.version is not None:
+        log(f"{source.uri} already is version {source.version} of {name}: not registered again")
+        return {"version": source.version, "registered": False, "promoted": False,
+                "reason": "already a registry version"}
+    if source.run_id is None:  # a local folder: the evaluation run keeps a copy to point at
+        MlflowClient().log_artifacts(eval_run_id, str(model_dir), "model")
+        run_id, path = eval_run_id, "model"
+    else:
+        run_id, path = source.run_id, source.artifact_path
+    version = tracking.register_model_version(
+        run_id, path, test_metrics, name=name,
+        tags={"evaluation_run_id": eval_run_id, TRAINING_DATA_TAG: fingerprint,
+              TRAINING_DATA_RUN_TAG: eval_run_id, "dataset_root": str(run_config.data.root)})
+    if run_config.registry.promote:
+        decision = tracking.promote_if_better(name, version, run_config.evaluate.primary_metric,
+                                              run_config.evaluate.higher_is_better)
+    else:
+        tracking.set_alias(name, tracking.CHALLENGER, version)
+        decision = {"promoted": False, "reason": "registry.promote is false"}
+    log(f"registered {name} version {version}; champion: "
+        f"{'moved to it' if decision['promoted'] else 'unchanged'} ({decision['reason']})")
+    return {"registered": True, **decision, "version": version}
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(model: str = tracking.DEFAULT_MODEL_URI, config: str | None = None, dataset: str | None = None,
+             split: str = "test", register: bool = True, train_clips: int = 4, device: str = "auto") -> dict:
+    """Evaluate `model` on `split` (+ a few train clips), report, register, promote if better."""
+    bootstrap = load_run_config(config).mlflow if config else MlflowConfig()
+    experiment_id = tracking.setup_mlflow(bootstrap.experiment, bootstrap.data_dir)
+    source = model_source(model)  # a missing alias fails here with what to do
+    with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:  # a downloaded model is dropped after
+        model_dir = tracking.resolve_model_uri(model, scratch)
+        return _evaluate_model(source, model_dir, experiment_id, config, dataset, split, register, train_clips,
+                               device)
+
+
+def _evaluate_model(source: ModelSource, model_dir: Path, experiment_id: str, config: str | None,
+                    dataset: str | None, split: str, register: bool, train_clips: int, device: str) -> dict:
+    """The evaluate flow's body, on a local model folder."""
+    logger, model = get_run_logger(), source.uri
+    model_config = read_run_config(model_dir)
+    run_config = effective_config(model_config, config, dataset)
+    root = str(Path(run_config.data.root).expanduser().resolve())
+    split_rows(root, split)  # an empty split fails here, before a model is loaded or a run logged
+    pipe, _ = load_pipeline(model_dir, device=pick_device(device))
+
+    settings = run_config.evaluate
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{split}",
+                          tags={"model_uri": model, "source_run_id": source.run_id or "",
+                                "model_version": source.version or ""}) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({"model": model, "split": split, "dataset": root, "train_clips": train_clips,
+                           "num_inference_steps": settings.num_inference_steps, "seed": settings.seed,
+                           "text_guidance_scale": settings.text_guidance_scale,
+                           "product_guidance_scale": settings.product_guidance_scale,
+                           "primary_metric": settings.primary_metric})
+        folder = Path(run_config.mlflow.data_dir).resolve() / "evaluations" / run_id
+        results = {split: evaluate_split_task(pipe, run_config, root, split, folder, settings.max_clips,
+                                              log=logger.info)}
+        if split != "train" and train_clips > 0:
+            results["train"] = evaluate_split_task(pipe, run_config, root, "train", folder, train_clips,
+                                                   log=logger.info)
+        for name, result in results.items():
+            mlflow.log_metrics(_numbers(name, result["overall"]))
+            for category, values in result["by_category"].items():
+                mlflow.log_metrics(_numbers(f"{name}/category/{category}", values))
+        mlflow.log_artifacts(str(folder), "evaluation")
+
+        test = results[split]
+        verdict = publish_poc_report(results.get("train", test)["overall"], test["overall"],
+                                     test["by_category"], {"train": loss_history(source.run_id)},
+                                     run_id, settings.thresholds)
+        create_table_artifact(metrics_table(results, split), key="evaluation-metrics",
+                              description=f"Metrics of {model} ({split} split per category; unavailable = why)")
+        fingerprint = _record_training_data(run_id, model_config, read_model_card(model_dir))
+        registry = (register_evaluated(source, model_dir, run_id, test["overall"], run_config, fingerprint,
+                                       logger.info)
+                    if register else {"registered": False, "reason": "register is false"})
+
+    summary = {"evaluation_run_id": run_id, "model": model, "split": split, "folder": str(folder),
+               "verdict": verdict["outcome"], "registry": registry,
+               "metrics": {name: {k: m.value_of(v) for k, v in r["overall"].items()}
+                           for name, r in results.items()}}
+    logger.info("evaluation run %s: %s", run_id, json.dumps(summary["metrics"][split]))
+    return summary

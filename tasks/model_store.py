@@ -1,0 +1,192 @@
+"""Model folders: what a training run logs to MLflow as artifact `model`, and what registry
+versions point to.
+
+```
+<model folder>/
+  run_config.yaml     the resolved RunConfig the model was trained with
+  generator/          ProductVideoGenerator.save_pretrained (transformer/ + product_encoder/);
+                      a stage-1-only run saves the adapter (transformer/adapter_config.json)
+  model_card.json     stage reached, step, dataset root, base model, adapter_only, ...
+```
+
+The base Wan components (VAE, UMT5, CLIP, and the DiT under an adapter) come from the run
+config's `model.base_model` / `model.image_encoder`, so a folder downloaded from MLflow on
+another machine loads wherever those resolve. `base_model: tiny` (CPU tests, demo) resolves to
+random tiny components materialised once under `<data_dir>/models/tiny` (they are seeded, so
+every machine builds the same weights).
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import AutoencoderKLWan
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+
+from models.config import TINY, ModelConfig
+from models.pipeline import ProductVideoPipeline, make_scheduler
+from models.product_encoder import ProductEncoder
+from models.tiny import save_tiny_components
+from models.transformer import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ProductVideoGenerator,
+                                ProductWanTransformer)
+from storage.layout import DatasetRoot
+from storage.tracking import resolve_model_uri
+from tasks.run_config import RunConfig, run_config_from_dict
+
+RUN_CONFIG_NAME = "run_config.yaml"
+GENERATOR_DIR = "generator"
+MODEL_CARD_NAME = "model_card.json"
+
+# ModelConfig fields that decide the generator's weights: two configs that differ here cannot
+# share a checkpoint. (Sampler and objective settings can change freely.)
+ARCHITECTURE_FIELDS = ("base_model", "image_encoder", "num_product_tokens", "product_hidden_dim",
+                       "product_num_heads", "inject_layers", "product_attention_heads", "mask_packing")
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint / model folder does not belong to the config it is loaded with."""
+
+
+def resolve_model_config(cfg: ModelConfig, data_dir: str | Path = "data") -> ModelConfig:
+    """`base_model: tiny` -> the tiny components under <data_dir>/models/tiny (built once,
+    atomically); any other config is returned unchanged."""
+    if cfg.base_model != TINY:
+        return cfg
+    models_dir = DatasetRoot.create(Path(data_dir) / "models")
+    folder = models_dir.path(TINY)
+    if not folder.is_dir():
+        with models_dir.atomic_dir(TINY) as tmp:
+            save_tiny_components(tmp)
+    return cfg.model_copy(update={"base_model": str(folder), "image_encoder": str(folder)})
+
+
+def check_compatible(found: ModelConfig, expected: ModelConfig, where: str) -> None:
+    """Raise IncompatibleCheckpointError naming every architecture field that differs."""
+    differences = [f"{name}: checkpoint {getattr(found, name)!r} vs config {getattr(expected, name)!r}"
+                   for name in ARCHITECTURE_FIELDS if getattr(found, name) != getattr(expected, name)]
+    if differences:
+        raise IncompatibleCheckpointError(
+            f"{where} was trained with another model config ({'; '.join(differences)}): use a "
+            "checkpoint trained with this config, or change the config to match it")
+
+
+def save_model_folder(folder: str | Path, generator: ProductVideoGenerator, run_config: RunConfig,
+                      adapter_only: bool, info: dict | None = None) -> Path:
+    """Write the model folder atomically (it appears complete or not at all) and return it.
+
+    adapter_only: save only the new transformer weights (stage-1 runs: megabytes instead of the
+    whole DiT). info: extra model-card entries (stage, step, dataset_root, run_id, ...).
+    """
+    folder = Path(folder).resolve()
+    card = {"base_model": run_config.model.base_model, "adapter_only": adapter_only,
+            "config_fingerprint": run_config.fingerprint(),
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(info or {})}
+    parent = DatasetRoot.create(folder.parent)
+    with parent.atomic_dir(folder.name) as tmp:
+        generator.save_pretrained(tmp / GENERATOR_DIR, adapter_only=adapter_only)
+        (tmp / RUN_CONFIG_NAME).write_text(run_config.to_yaml())
+        (tmp / MODEL_CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    return folder
+
+
+def read_model_card(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / MODEL_CARD_NAME).read_text())
+
+
+def read_run_config(folder: str | Path) -> RunConfig:
+    path = Path(folder) / RUN_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no {RUN_CONFIG_NAME}); "
+                                "pass a folder saved by the train flow or a runs:/ / models:/ URI")
+    return run_config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def _load_adapter_transformer(folder: Path, cfg: ModelConfig, torch_dtype) -> ProductWanTransformer:
+    """Base DiT from the (resolved) run config, then the adapter weights: the folder stays
+    portable, whatever path the base was loaded from when it was saved."""
+    transformer = ProductWanTransformer.from_base(cfg.base_model, cfg.num_product_tokens, cfg.inject_layers,
+                                                  cfg.product_attention_heads, torch_dtype=torch_dtype)
+    weights = load_file(str(folder / ADAPTER_WEIGHTS_NAME))
+    expected = set(transformer.adapter_parameter_names())
+    if set(weights) != expected:
+        raise IncompatibleCheckpointError(
+            f"{folder}: adapter weights do not match the model its run_config.yaml builds: missing "
+            f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+    transformer.load_state_dict(weights, strict=False)
+    return transformer
+
+
+def load_model_folder(folder_or_uri: str | Path, torch_dtype: torch.dtype | None = None,
+                      expect: ModelConfig | None = None,
+                      data_dir: str | Path | None = None) -> tuple[ProductVideoGenerator, RunConfig]:
+    """(generator, run config) from a model folder, `runs:/<id>/model` or `models:/<name>@<alias>`.
+
+    expect: the model config the caller will use the generator with (fine-tuning, evaluation);
+    a folder trained with different architecture fields raises IncompatibleCheckpointError.
+    data_dir: where `tiny` components live (default: the folder's own run config's mlflow.data_dir).
+    """
+    folder = resolve_model_uri(str(folder_or_uri))
+    run_config = read_run_config(folder)
+    if expect is not None:
+        check_compatible(run_config.model, expect, f"model folder {folder}")
+    cfg = resolve_model_config(run_config.model, data_dir or run_config.mlflow.data_dir)
+    generator_dir = folder / GENERATOR_DIR
+    try:
+        if (generator_dir / "transformer" / ADAPTER_CONFIG_NAME).is_file():
+            transformer = _load_adapter_transformer(generator_dir / "transformer", cfg, torch_dtype)
+        else:
+            transformer = ProductWanTransformer.from_pretrained(generator_dir, subfolder="transformer",
+                                                                torch_dtype=torch_dtype)
+        product_encoder = ProductEncoder.from_pretrained(generator_dir, subfolder="product_encoder",
+                                                         torch_dtype=torch_dtype)
+    except (RuntimeError, OSError, ValueError) as error:
+        if isinstance(error, IncompatibleCheckpointError):
+            raise
+        raise IncompatibleCheckpointError(f"cannot load the generator in {generator_dir}: {error}") from error
+    _check_generator_matches(transformer, product_encoder, run_config.model, generator_dir)
+    return ProductVideoGenerator(transformer, product_encoder), run_config
+
+
+def _check_generator_matches(transformer: ProductWanTransformer, product_encoder: ProductEncoder,
+                             cfg: ModelConfig, where: Path) -> None:
+    """The saved weights must be those of the model the folder's run config describes."""
+    found = {"num_product_tokens": transformer.config.num_product_tokens,
+             "inject_layers": transformer.config.inject_layers,
+             "product_attention_heads": transformer.config.product_attention_heads,
+             "product_hidden_dim": product_encoder.config.hidden_dim,
+             "product_num_heads": product_encoder.config.num_heads}
+    differences = [f"{name}: weights {value!r} vs run_config.yaml {getattr(cfg, name)!r}"
+                   for name, value in found.items() if value != getattr(cfg, name)]
+    if differences:
+        raise IncompatibleCheckpointError(f"{where} holds a generator of another config "
+                                          f"({'; '.join(differences)})")
+
+
+def load_pipeline(folder_or_uri: str | Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None, data_dir: str | Path | None = None):
+    """(ProductVideoPipeline on `device`, RunConfig): the generator of the model folder with the
+    frozen components (VAE in float32, UMT5, CLIP, scheduler) of its run config's base model."""
+    generator, run_config = load_model_folder(folder_or_uri, torch_dtype=dtype, data_dir=data_dir)
+    cfg = resolve_model_config(run_config.model, data_dir or run_config.mlflow.data_dir)
+    return build_pipeline(generator, cfg, dtype).to(device), run_config
+
+
+def build_pipeline(generator: ProductVideoGenerator, cfg: ModelConfig,
+                   dtype: torch.dtype | None = None) -> ProductVideoPipeline:
+    """A ProductVideoPipeline around `generator` with the frozen components of `cfg` (resolved,
+    see resolve_model_config): VAE in float32, UMT5, CLIP vision tower, scheduler."""
+    return ProductVideoPipeline(
+        vae=AutoencoderKLWan.from_pretrained(cfg.base_model, subfolder="vae", torch_dtype=torch.float32),
+        text_encoder=UMT5EncoderModel.from_pretrained(cfg.base_model, subfolder="text_encoder", dtype=dtype),
+        tokenizer=AutoTokenizer.from_pretrained(cfg.base_model, subfolder="tokenizer"),
+        image_encoder=CLIPVisionModel.from_pretrained(cfg.image_encoder, subfolder=cfg.image_encoder_subfolder,
+                                                      dtype=dtype),
+        image_processor=CLIPImageProcessor.from_pretrained(cfg.image_encoder,
+                                                           subfolder=cfg.image_processor_subfolder),
+        product_encoder=generator.product_encoder, transformer=generator.transformer,
+        scheduler=make_scheduler(cfg.sampler.scheduler, cfg.flow_shift),
+        text_max_length=cfg.text_max_length, max_product_images=cfg.max_product_images)

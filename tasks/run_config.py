@@ -1,0 +1,215 @@
+"""One YAML per run (torchtune style): model, data, precompute, train, evaluate, registry, mlflow.
+
+`load_run_config("configs/tiny.yaml", ["train.stage1.max_steps=3", "data.frames=5"])` reads the
+file, applies dotted `key=value` overrides (values parsed as YAML, so `3` is an int, `null` is
+None, `[0.9,0.99]` a list) and validates the whole tree; an unknown key or a bad value is an
+error naming it. The resolved config is what MLflow logs as params and what a model folder
+stores as run_config.yaml, so a model can always be rebuilt the way it was trained.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.config import ModelConfig, load_model_config
+from models.metrics import MetricNetworks
+from models.transformer import SPATIAL_FACTOR, TEMPORAL_FACTOR
+from storage.hashing import sha256_json
+from storage.tracking import MODEL_NAME
+from tasks.report import ReportThresholds
+
+# The DiT patchifies latents 2x2, so pixels must be multiples of 8 (VAE) x 2 (patch).
+PIXEL_MULTIPLE = SPATIAL_FACTOR * 2
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Which dataset and what one training sample is.
+
+    A sample is a window of `frames` frames taken from the start of each clip every
+    `frame_stride`-th frame, resized (stretched) to height x width; clips too short for the
+    window are left out by precompute with a reason.
+    """
+
+    root: str = "data/demo/dataset"  # a build-dataset output (manifests/dataset.parquet)
+    frames: int = Field(49, ge=1)  # 4k+1 (Wan VAE folds 4 frames per latent frame, the first alone)
+    frame_stride: int = Field(1, ge=1)
+    height: int = Field(480, ge=PIXEL_MULTIPLE)
+    width: int = Field(720, ge=PIXEL_MULTIPLE)
+    max_product_images: int = Field(4, ge=1)  # the first N photos of a product (seed: 4)
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_fold(cls, value: int) -> int:
+        if (value - 1) % TEMPORAL_FACTOR:
+            raise ValueError(f"frames must be 4k+1 (Wan's VAE folds 4 frames per latent frame), got {value}")
+        return value
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple(cls, value: int) -> int:
+        if value % PIXEL_MULTIPLE:
+            raise ValueError(f"height and width must be multiples of {PIXEL_MULTIPLE}, got {value}")
+        return value
+
+
+class PrecomputeConfig(_Section):
+    """Where the frozen encoders (VAE, UMT5, CLIP) run when latents are precomputed."""
+
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # text/image encoders; the VAE stays fp32
+
+
+class StageConfig(_Section):
+    """One training stage (seed 4.1). Steps are optimizer steps (after gradient accumulation);
+    `max_steps` caps the stage even when `epochs` would run longer."""
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    grad_accum: int = Field(1, ge=1)
+
+
+class OptimizerConfig(_Section):
+    """AdamW, seed 4.3."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None = no clipping
+
+
+class TrainConfig(_Section):
+    stage1: StageConfig = StageConfig(epochs=50, batch_size=4, learning_rate=1e-4)
+    stage2: StageConfig | None = StageConfig(epochs=100, batch_size=2, learning_rate=1e-5)  # None: adapter only
+    optimizer: OptimizerConfig = OptimizerConfig()
+    # Each stage has its own optimizer and schedule: linear warm-up, then cosine to 0.
+    warmup_steps: int = Field(1000, ge=0)
+    bf16: bool = True  # autocast to bfloat16 on CUDA (weights and optimizer stay float32); CPU runs float32
+    gradient_checkpointing: bool = True
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # None = no EMA; the saved model is the EMA when set
+    checkpoint_every: int = Field(500, ge=1)  # optimizer steps
+    sample_every_epoch: int = Field(1, ge=0)  # sample video + contact sheet every N epochs, 0 = never
+    sample_steps: int | None = Field(None, ge=1)  # sampler steps of those samples (None: model.sampler's)
+    num_samples: int = Field(2, ge=1)  # clips in the fixed validation batch
+    seed: int = 0
+    device: str = "auto"
+    runs_dir: str = "data/runs"
+    # Run folder name under runs_dir; None = "<config name>-<hash of config + data + init>", so the
+    # same run started again resumes, and a changed config starts a new run.
+    run_name: str | None = None
+
+
+class EvaluateConfig(_Section):
+    split: str = "test"
+    num_inference_steps: int = Field(50, ge=1)
+    text_guidance_scale: float = 5.0
+    product_guidance_scale: float = 3.0
+    seed: int = 0
+    max_clips: int | None = Field(None, ge=1)  # None = the whole split
+    networks: MetricNetworks = MetricNetworks()
+    primary_metric: str = "psnr_mask"
+    higher_is_better: bool = True
+    thresholds: ReportThresholds = ReportThresholds()
+
+
+class RegistryConfig(_Section):
+    model_name: str = MODEL_NAME
+    promote: bool = True
+
+
+class MlflowConfig(_Section):
+    experiment: str = "product-video-generator"
+    data_dir: str = "data"  # local SQLite store under <data_dir>/mlflow when MLFLOW_TRACKING_URI is unset
+    log_system_metrics: bool = True
+
+
+class RunConfig(_Section):
+    name: str = "run"  # config name (the YAML's stem unless set); prefixes run folders
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @model_validator(mode="after")
+    def _images_fit_model(self) -> "RunConfig":
+        if self.data.max_product_images > self.model.max_product_images:
+            raise ValueError(f"data.max_product_images ({self.data.max_product_images}) exceeds "
+                             f"model.max_product_images ({self.model.max_product_images})")
+        return self
+
+    def fingerprint(self) -> str:
+        """Content hash of the resolved config (names a run, checks a checkpoint belongs to it)."""
+        return sha256_json(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"train": {"stage1": {"epochs": 1}}} -> {"train.stage1.epochs": 1} (for MLflow params)."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested dict (value parsed as YAML); intermediate sections are created."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    dotted, text = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ValueError(f"override {override!r}: empty key in {dotted!r}")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {override!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(text)
+
+
+def run_config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
+    for override in overrides:
+        apply_override(data, override)
+    return RunConfig.model_validate(data)
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a run YAML, apply dotted overrides, validate; errors name the file and the key.
+
+    `model:` is either the model section itself or the path of a configs/model/*.yaml file
+    (relative to the run YAML's folder), so run configs share model definitions.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run config {path} not found (see configs/*.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
+    data.setdefault("name", path.stem)
+    if isinstance(data.get("model"), str):
+        model_path = path.parent / data["model"]
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{path}: model config {model_path} not found")
+        data["model"] = load_model_config(model_path).model_dump(mode="json")
+    try:
+        return run_config_from_dict(data, list(overrides))
+    except ValidationError as error:
+        raise ValueError(f"{path} (with overrides {list(overrides)}): {error}") from error

@@ -1,0 +1,67 @@
+"""Shared fixtures of the issue-4 tests (precompute, train, evaluate, retrain, generate).
+
+Import what you need into a test module: `from tests.issue4_fixtures import tiny_dataset, ...`.
+The dataset is built once per test session into a fixed folder under pytest's base temp dir and
+reused by every module that imports the fixture (build-dataset itself is cached, so a second
+call only checks).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.run_config import RunConfig, load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+# 4 products split 2:1:1, so train, val and test each have clips (8:1:1 would put all in train).
+NUM_PRODUCTS = 4
+SPLIT_RATIOS = (0.5, 0.25, 0.25)
+
+
+def build_tiny_dataset(folder: Path, num_products: int = NUM_PRODUCTS, seed: int = 3) -> Path:
+    """Synthetic product pages -> build-dataset (classic segmenter, 96x144 clips of 1-3 s)."""
+    from demo.studio import StudioConfig, generate_studio
+    from flows.build_dataset import build_dataset
+    from tasks.assemble import SplitConfig
+    from tasks.scenes import SceneConfig
+
+    output = folder / "dataset"
+    if (output / "manifests" / "dataset.parquet").is_file():
+        return output
+    generate_studio(folder / "source", folder / "truth", StudioConfig.tiny(num_products=num_products, seed=seed))
+    build_dataset(source=str(folder / "source"), output=str(output), segmenter="classic",
+                  background_removal="classic", splits=SplitConfig(ratios=SPLIT_RATIOS),
+                  scenes=SceneConfig(min_short_side=None, height=96, width=144, min_clip_s=1.0, max_clip_s=3.0))
+    return output
+
+
+def tiny_run_config(dataset: Path, data_dir: Path, overrides: list[str] = ()) -> RunConfig:
+    """configs/tiny.yaml pointed at `dataset`, with runs and MLflow under `data_dir`."""
+    return load_run_config(TINY_CONFIG, [f"data.root={dataset}", f"mlflow.data_dir={data_dir}",
+                                         f"train.runs_dir={data_dir / 'runs'}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A built tiny dataset (train / val / test splits), shared by every issue-4 test module."""
+    return build_tiny_dataset(tmp_path_factory.getbasetemp() / "issue4-tiny-dataset")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """A project data directory (MLflow store, runs, tiny model components) for the session."""
+    folder = tmp_path_factory.getbasetemp() / "issue4-data"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny ops on a shared 2-core box: two OpenMP threads spin against each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
