@@ -47,7 +47,8 @@ def client(tiny_data_dir):
 
 @pytest.fixture(scope="module")
 def trained(tiny_dataset, tiny_data_dir):
-    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    # A tiny run lasts about a second; sample often enough that the run logs system metrics.
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.1"
     try:
         return train(config=str(TINY_CONFIG), overrides=overrides(tiny_dataset, tiny_data_dir, *FEW_STEPS))
     finally:

@@ -10,6 +10,8 @@ large enough to be an object are counted.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 from pydantic import BaseModel, Field
@@ -37,23 +39,42 @@ def _monomials(degree: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]
 
 
-def _fit_backdrop(lab: np.ndarray, border_px: int, degree: int) -> tuple[np.ndarray, float]:
-    """(backdrop Lab image fitted on the border band, median border residual = the noise scale)."""
-    h, w, _ = lab.shape
-    xs, ys = np.linspace(-1, 1, w, dtype=np.float32), np.linspace(-1, 1, h, dtype=np.float32)
-    terms = _monomials(degree)
+@functools.lru_cache(maxsize=8)
+def _border_samples(h: int, w: int, border_px: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, polynomial basis) of the border band's sample pixels; the same for every frame
+    of a size, so computed once per size."""
+    xs, ys = np.linspace(-1, 1, w), np.linspace(-1, 1, h)
     band = np.zeros((h, w), bool)
     b = min(border_px, h // 4, w // 4)
     band[:b], band[-b:], band[:, :b], band[:, -b:] = True, True, True, True
     band[1::2], band[:, 1::2] = False, False  # every other pixel: as good a fit, a quarter of the work
     rows, cols = np.nonzero(band)
-    basis = np.stack([xs[cols] ** i * ys[rows] ** j for i, j in terms], axis=1)
-    colours = lab[rows, cols]
+    basis = np.stack([xs[cols] ** i * ys[rows] ** j for i, j in _monomials(degree)], axis=1)
+    for array in (rows, cols, basis):
+        array.flags.writeable = False  # shared by every call for this size
+    return rows, cols, basis
+
+
+def _fit_backdrop(lab: np.ndarray, border_px: int, degree: int) -> tuple[np.ndarray, float]:
+    """(backdrop Lab image fitted on the border band, median border residual = the noise scale).
+
+    No BLAS call here is large enough for OpenBLAS to start its threads: in a pipeline that runs
+    one task per core, its threads only fight the other tasks' (measured: 5 ms per frame alone,
+    100 ms per frame on a loaded 2-core machine with np.linalg.lstsq on the band and a matmul for
+    the image). So the fit solves the 6 x 6 normal equations, and the image is evaluated with
+    einsum (numpy's own loops).
+    """
+    h, w, _ = lab.shape
+    terms = _monomials(degree)
+    rows, cols, basis = _border_samples(h, w, border_px, degree)
+    colours = lab[rows, cols].astype(np.float64)
 
     inliers = np.ones(len(colours), bool)
     for _ in range(_FIT_ITERATIONS):
-        coef, *_ = np.linalg.lstsq(basis[inliers], colours[inliers], rcond=None)  # (terms, 3)
-        residual = np.linalg.norm(colours - basis @ coef, axis=1)
+        b, c = basis[inliers], colours[inliers]
+        # lstsq on the normal equations: the same minimum-norm least-squares fit as on the band.
+        coef, *_ = np.linalg.lstsq(np.einsum("ni,nj->ij", b, b), np.einsum("ni,nc->ic", b, c), rcond=None)
+        residual = np.linalg.norm(colours - np.einsum("ni,ic->nc", basis, coef), axis=1)
         noise = float(np.median(residual[inliers]))
         # A noise-free backdrop (synthetic, flat) gives noise 0: keep exact matches as inliers.
         keep = residual <= max(_OUTLIER_SCALES * noise, 1e-3)
@@ -61,24 +82,24 @@ def _fit_backdrop(lab: np.ndarray, border_px: int, degree: int) -> tuple[np.ndar
             break
         inliers = keep
 
-    # Evaluate separably: sum_ij c_ij x^i y^j = Y @ A with Y[:, j] = y^j and A[j] = sum_i c_ij x^i.
-    y_powers = ys[:, None] ** np.arange(degree + 1, dtype=np.float32)
-    backdrop = np.empty_like(lab)
-    for channel in range(3):
-        a = np.zeros((degree + 1, w), np.float32)
-        for (i, j), c in zip(terms, coef[:, channel]):
-            a[j] += c * xs**i
-        backdrop[..., channel] = y_powers @ a
-    return backdrop, noise
+    # Evaluate separably: sum_ij c_ij x^i y^j = sum_j y^j A_j(x) with A_j(x) = sum_i c_ij x^i.
+    xs, ys = np.linspace(-1, 1, w, dtype=np.float32), np.linspace(-1, 1, h, dtype=np.float32)
+    powers = np.arange(degree + 1, dtype=np.float32)
+    a = np.zeros((degree + 1, w, 3), np.float32)
+    for (i, j), c in zip(terms, coef.astype(np.float32)):
+        a[j] += xs[:, None] ** i * c
+    return np.einsum("hj,jwc->hwc", ys[:, None] ** powers, a), noise
 
 
 def foreground_mask(rgb: np.ndarray, settings: ClassicSettings) -> np.ndarray:
     """(H, W) bool: pixels whose colour differs from the fitted backdrop beyond its noise."""
-    lab = cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+    lab = cv2.cvtColor(np.multiply(rgb, np.float32(1 / 255), dtype=np.float32), cv2.COLOR_RGB2Lab)
     backdrop, noise = _fit_backdrop(lab, settings.classic_border_px, settings.classic_degree)
-    distance = np.linalg.norm(lab - backdrop, axis=2)
+    # Squared Lab distance > squared threshold, in OpenCV (one pass each, without the GIL).
+    difference = cv2.subtract(lab, backdrop)
+    distance_sq = cv2.transform(cv2.multiply(difference, difference), np.ones((1, 3), np.float32))
     threshold = max(settings.classic_threshold_k * noise, settings.classic_min_delta_e)
-    mask = (distance > threshold).astype(np.uint8)
+    mask = cv2.compare(distance_sq, threshold**2, cv2.CMP_GT)  # 0 / 255
     # Opening drops isolated noise pixels; closing rejoins a product split by a backdrop-coloured seam.
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
