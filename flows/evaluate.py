@@ -21,6 +21,7 @@ so `retrain` can tell whether the dataset has new data since.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from dataclasses import dataclass
@@ -223,3 +224,27 @@ def _evaluate_model(source: ModelSource, model_dir: Path, experiment_id: str, co
                            for name, r in results.items()}}
     logger.info("evaluation run %s: %s", run_id, json.dumps(summary["metrics"][split]))
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Evaluate a model, write the PoC report, register it.")
+    parser.add_argument("--model", default=tracking.DEFAULT_MODEL_URI, help="models:/, runs:/ URI or model folder")
+    parser.add_argument("--config", default=None, help="run config whose data/evaluate/registry/mlflow sections apply")
+    parser.add_argument("--dataset", default=None, help="dataset root (default: the config's data.root)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--train-clips", type=int, default=4, help="train clips generated for the train criteria")
+    parser.add_argument("--no-register", dest="register", action="store_false", help="do not register the model")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--result", default=None, help="also write the returned summary to this JSON file")
+    args = parser.parse_args(argv)
+    summary = evaluate(model=args.model, config=args.config, dataset=args.dataset, split=args.split,
+                       register=args.register, train_clips=args.train_clips, device=args.device)
+    text = json.dumps(summary, indent=2, default=str)
+    if args.result:
+        Path(args.result).write_text(text + "\n")
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

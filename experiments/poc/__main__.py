@@ -1,0 +1,143 @@
+"""The PoC experiment of docs/poc.md: do product photos measurably put the product into the video?
+
+    python -m experiments.poc dataset --products 150     # here (CPU): studio -> build-dataset
+    python -m experiments.poc gpu --deadline-s 540       # GPU: base, train A and B, evaluate both
+
+`gpu` does the next steps not yet done, each through the project's own flows in a subprocess,
+and stops before the deadline (the GPU machine allows 10 minutes a command; run it again on the
+same machine and it goes on: the train flow resumes its run from the last checkpoint):
+
+1. base: data/poc/base (experiments/poc/base.py: a Wan VAE trained on the train clips, a small
+   random Wan DiT, tiny text and image encoders);
+2. train A (full model) and B (ablation: no product photos), same data, steps and seed;
+3. evaluate A and B (test split + train clips), without registering;
+4. results.json, the MLflow database and a contact sheet under --out.
+
+Ablation B trains with every sample's product dropped (drop_product_prob 0.85 + drop_both_prob
+0.15 = 1, text dropout kept at A's 15%): its product tokens are always the null (zeros), so the
+product branch's output and the gradient of its zero-initialised gate are exactly 0 and the gate
+never opens. At evaluation B is given the photos like A, and they change nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIG = "configs/poc-synthetic.yaml"
+DATA = Path("data/poc")
+RUNS = {
+    "A": ["train.run_name=poc-A-full"],
+    "B": ["train.run_name=poc-B-no-photos", "model.objective.drop_product_prob=0.85",
+          "model.objective.drop_both_prob=0.15", "model.objective.drop_text_prob=0.0"],
+}
+TRAIN_CLIPS_EVALUATED = 32
+
+
+def run_step(name: str, command: list[str], deadline: float) -> bool:
+    """Run a step as a subprocess until the deadline; True when it finished."""
+    left = deadline - time.monotonic()
+    if left < 20:
+        print(f"[poc] no time left for {name}", flush=True)
+        return False
+    print(f"[poc] {name}: {' '.join(command)} ({left:.0f} s left)", flush=True)
+    started = time.monotonic()
+    try:
+        subprocess.run(command, check=True, timeout=left)
+    except subprocess.TimeoutExpired:
+        print(f"[poc] {name}: stopped at the deadline after {time.monotonic() - started:.0f} s; "
+              "run again to go on", flush=True)
+        return False
+    print(f"[poc] {name}: done in {time.monotonic() - started:.0f} s", flush=True)
+    return True
+
+
+def gpu(args) -> None:
+    deadline = time.monotonic() + args.deadline_s
+    py = sys.executable
+    state_file = DATA / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+
+    def save():
+        state_file.write_text(json.dumps(state, indent=2) + "\n")
+
+    if not (DATA / "base" / "scheduler").is_dir():
+        if not run_step("base", [py, "-m", "experiments.poc", "base", "--vae-steps", str(args.vae_steps),
+                                    "--vae-batch", str(args.vae_batch)], deadline):
+            return
+    for label, overrides in RUNS.items():
+        if f"train_{label}" in state:
+            continue
+        result = DATA / f"train_{label}.json"
+        command = [py, "-m", "flows.train", "--config", CONFIG, "--result", str(result)]
+        for item in overrides + args.set:
+            command += ["--set", item]
+        if not run_step(f"train {label}", command, deadline):
+            return
+        state[f"train_{label}"] = json.loads(result.read_text())
+        save()
+    for label in RUNS:
+        if f"evaluate_{label}" in state:
+            continue
+        result = DATA / f"evaluate_{label}.json"
+        command = [py, "-m", "flows.evaluate", "--model", state[f"train_{label}"]["model_uri"], "--config", CONFIG,
+                   "--no-register", "--train-clips", str(TRAIN_CLIPS_EVALUATED), "--result", str(result)]
+        if not run_step(f"evaluate {label}", command, deadline):
+            return
+        state[f"evaluate_{label}"] = json.loads(result.read_text())
+        save()
+    collect(state, Path(args.out))
+
+
+def collect(state: dict, out: Path) -> None:
+    """results.json, the MLflow database and the contact sheet, under out."""
+    from experiments.poc.sheet import contact_sheet_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
+    shutil.copy(Path("data/mlflow/mlflow.db"), out / "mlflow.db")
+    contact_sheet_png(DATA / "dataset", {label: Path(state[f"evaluate_{label}"]["folder"]) for label in RUNS},
+                      out / "poc-contact-sheet.png")
+    print(f"[poc] results in {out}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    dataset = commands.add_parser("dataset", help="synthetic studio -> build-dataset under data/poc (CPU)")
+    dataset.add_argument("--products", type=int, default=150)
+    base = commands.add_parser("base", help="write data/poc/base (trains the VAE: GPU)")
+    base.add_argument("--vae-steps", type=int, default=1500)
+    base.add_argument("--vae-batch", type=int, default=8)
+    run = commands.add_parser("gpu", help="the next steps of the experiment, until the deadline")
+    run.add_argument("--deadline-s", type=float, default=540)
+    run.add_argument("--vae-steps", type=int, default=1500)
+    run.add_argument("--vae-batch", type=int, default=8)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override for both training runs, e.g. train.stage2.max_steps=2000")
+    run.add_argument("--out", default=os.environ.get("OUT", "data/poc/out"))
+    args = parser.parse_args(argv)
+
+    if args.command == "dataset":
+        from experiments.poc.dataset import build_poc_dataset
+        summary = build_poc_dataset(DATA, args.products)
+        print(json.dumps(summary, indent=2))
+    elif args.command == "base":
+        from experiments.poc.base import build_base
+        from tasks.precompute import resolve_device
+        from tasks.run_config import load_run_config
+        d = load_run_config(CONFIG).data
+        info = build_base(DATA / "base", DATA / "dataset", d.frames, d.frame_stride, d.height, d.width,
+                          vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_lr=3e-4, device=resolve_device("auto").type)
+        (DATA / "base.json").write_text(json.dumps(info, indent=2) + "\n")
+    else:
+        gpu(args)
+
+
+if __name__ == "__main__":
+    main()
