@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
-#   make demo   set everything up, make synthetic product pages, build the dataset (then train,
-#               evaluate, register and generate, once those flows exist), print where to look
+#   make demo   set everything up, make synthetic product pages, build the dataset, train,
+#               evaluate, register and generate on CPU (tiny config), print where to look
 #   make test   the test suite (what CI runs)
 PY := .venv/bin/python
 DATA ?= data/demo

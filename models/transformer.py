@@ -187,6 +187,12 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
         model._attach_product_layers()
         return model
 
+    def product_gate_magnitude(self) -> float:
+        """Mean |gate| over the injected blocks' product attentions: 0 while the product branch
+        is closed (as at initialisation), growing as training lets the photos in."""
+        gates = [self.wan.blocks[i].attn2.processor.gate for i in self.injected_layers]
+        return float(torch.cat([g.detach().abs().flatten().float() for g in gates]).mean()) if gates else 0.0
+
     def adapter_parameter_names(self) -> list[str]:
         """Names of the weights the base checkpoint does not have (what a stage-1 adapter holds)."""
         return [name for name, _ in self.named_parameters()

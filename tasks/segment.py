@@ -20,7 +20,6 @@ from typing import Literal
 import cv2
 import numpy as np
 from pydantic import Field
-from scipy import ndimage
 
 from models.segmenters import ClassicSettings, GroundedSam2Settings, load_segmenter
 from storage.hashing import sha256_files
@@ -43,7 +42,7 @@ class SegmentConfig(GroundedSam2Settings, ClassicSettings):
     )
     fill_holes: bool = True
     max_hole_fraction: float = Field(0.001, ge=0, le=1, description="fill holes up to this share of the frame")
-    smoothing_window: int = Field(3, ge=1, description="frames in the per-pixel temporal majority vote (odd)")
+    smoothing_window: int = Field(3, ge=1, le=255, description="frames in the per-pixel temporal majority vote (odd)")
     smoothing_motion_px: int = Field(
         16, ge=0, description="motion between frames the vote tolerates before calling a pixel flicker"
     )
@@ -80,10 +79,12 @@ def fill_holes(masks: np.ndarray, max_fraction: float) -> np.ndarray:
     """
     out = masks.copy()
     for i, mask in enumerate(masks):
-        holes = ndimage.binary_fill_holes(mask) & ~mask
-        _, labels, stats, _ = cv2.connectedComponentsWithStats(holes.astype(np.uint8), connectivity=4)
+        # The background's 4-connected components (as ndimage.binary_fill_holes floods): those
+        # that do not touch the frame's edge are the holes. One labelling pass does both.
+        _, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
         small = stats[:, cv2.CC_STAT_AREA] <= max_fraction * mask.size
-        small[0] = False  # label 0 is everything but the holes
+        small[0] = False  # label 0 is the mask itself
+        small[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
         out[i] |= small[labels]
     return out
 
@@ -106,10 +107,13 @@ def temporal_majority(masks: np.ndarray, window: int, motion_px: int = 0) -> np.
     majority = (hi - lo)[:, None, None] / 2
 
     def window_sum(stack: np.ndarray) -> np.ndarray:
-        """Per frame, how many frames of its window (itself included) are on, per pixel."""
-        cumulative = np.cumsum(stack, axis=0, dtype=np.int32)
-        cumulative = np.concatenate([np.zeros((1, *stack.shape[1:]), np.int32), cumulative])
-        return cumulative[hi] - cumulative[lo]
+        """Per frame, how many frames of its window (itself included) are on, per pixel: one
+        uint8 pass per offset (a cumulative sum in int32 moves 8x the bytes)."""
+        counts = stack.astype(np.uint8)
+        for offset in range(1, half + 1):
+            counts[:t - offset] += stack[offset:]  # the frame `offset` later
+            counts[offset:] += stack[:t - offset]  # the frame `offset` earlier
+        return counts
 
     near = dilate(masks, motion_px)
     keep = masks & (1 + window_sum(near) - near > majority)

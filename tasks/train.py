@@ -433,8 +433,9 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator,
                               device)
             elapsed = time.perf_counter() - started
             step += 1
-            mlflow.log_metrics({"loss": loss, "lr": lr, "stage": plan.stage,
-                                "epoch": epoch, "throughput_samples_per_s": sum(map(len, chunk)) / elapsed},
+            mlflow.log_metrics({"loss": loss, "lr": lr, "stage": plan.stage, "epoch": epoch,
+                                "throughput_samples_per_s": sum(map(len, chunk)) / elapsed,
+                                "product_gate_abs_mean": model.transformer.product_gate_magnitude()},
                                step=global_step)
             epoch_done = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             if step % cfg.train.checkpoint_every == 0 or step == plan.total_steps:

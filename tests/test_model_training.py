@@ -142,3 +142,25 @@ def test_loss_decreases_when_overfitting_one_batch(tiny_cfg):
         optimizer.step()
     after = evaluate()
     assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("drop_product, gates_open", [(0.1, True), (0.85, False)])
+def test_always_dropping_the_product_keeps_the_product_branch_exactly_closed(tiny_cfg, drop_product, gates_open):
+    """The PoC's ablation B (docs/poc.md): with every sample's product dropped, the product gates'
+    gradients are exactly 0, so AdamW (weight decay included) leaves them at their initial 0."""
+    torch.manual_seed(0)
+    model = ProductVideoGenerator.from_model_config(tiny_cfg)
+    trainable = set_training_stage(model, 2)
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if n in trainable], lr=1e-2,
+                                  weight_decay=0.01)
+    cfg = ObjectiveConfig(drop_text_prob=0.15 if gates_open else 0.0, drop_product_prob=drop_product,
+                          drop_both_prob=0.05 if gates_open else 0.15)
+    for step in range(4):
+        loss = flow_matching_loss(model, make_batch(seed=step), cfg, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    gates = [p for n, p in model.named_parameters() if n.endswith(".attn2.processor.gate")]
+    assert gates and all(g.abs().sum().item() > 0 for g in gates) == gates_open
+    if not gates_open:
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in gates)

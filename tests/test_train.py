@@ -64,6 +64,8 @@ def test_both_stages_train_and_mlflow_has_params_metrics_and_artifacts(trained, 
     stages = {m.step: m.value for m in client.get_metric_history(trained["run_id"], "stage")}
     assert stages == {1: 1.0, 2: 1.0, 3: 2.0, 4: 2.0}
     assert {"lr", "throughput_samples_per_s"} <= set(run.data.metrics)
+    gates = [m.value for m in client.get_metric_history(trained["run_id"], "product_gate_abs_mean")]
+    assert len(gates) == 4 and gates[-1] > 0  # the gates start at 0 and open as the adapter trains
     assert any(name.startswith("system/") for name in run.data.metrics), "no system metrics logged"
     logged = artifacts(client, trained["run_id"])
     assert {"samples/stage1-epoch001.mp4", "samples/stage1-epoch001.png", "samples/stage2-epoch001.mp4",

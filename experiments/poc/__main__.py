@@ -36,7 +36,7 @@ RUNS = {
     "B": ["train.run_name=poc-B-no-photos", "model.objective.drop_product_prob=0.85",
           "model.objective.drop_both_prob=0.15", "model.objective.drop_text_prob=0.0"],
 }
-TRAIN_CLIPS_EVALUATED = 32
+TRAIN_CLIPS_EVALUATED = 16
 
 
 def run_step(name: str, command: list[str], deadline: float) -> bool:
