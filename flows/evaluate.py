@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows.cli import add_result_argument, emit_result
 from flows.generate import pick_device
 from models import metrics as m
 from storage import tracking
@@ -235,15 +236,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-clips", type=int, default=4, help="train clips generated for the train criteria")
     parser.add_argument("--no-register", dest="register", action="store_false", help="do not register the model")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--result", default=None, help="also write the returned summary to this JSON file")
+    add_result_argument(parser)
     args = parser.parse_args(argv)
     summary = evaluate(model=args.model, config=args.config, dataset=args.dataset, split=args.split,
                        register=args.register, train_clips=args.train_clips, device=args.device)
-    text = json.dumps(summary, indent=2, default=str)
-    if args.result:
-        Path(args.result).write_text(text + "\n")
-    print(text)
-    return summary
+    return emit_result(summary, args.result)
 
 
 if __name__ == "__main__":

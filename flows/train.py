@@ -10,12 +10,11 @@ SQLite under `mlflow.data_dir` (`mlflow ui --backend-store-uri sqlite:///data/ml
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.cli import add_result_argument, emit_result
 from tasks.precompute import precompute_latents
 from tasks.run_config import load_run_config
 from tasks.train import run_training
@@ -57,14 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="dotted override, e.g. train.stage1.max_steps=3 (repeatable)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start a new run")
     parser.add_argument("--init-from", default=None, help="model folder or runs:/ / models:/ URI to fine-tune")
-    parser.add_argument("--result", default=None, help="also write the returned summary to this JSON file")
+    add_result_argument(parser)
     args = parser.parse_args(argv)
     result = train(config=args.config, overrides=args.overrides, resume=args.resume, init_from=args.init_from)
-    text = json.dumps(result, indent=2, default=str)
-    if args.result:
-        Path(args.result).write_text(text + "\n")
-    print(text)
-    return result
+    return emit_result(result, args.result)
 
 
 if __name__ == "__main__":

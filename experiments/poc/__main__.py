@@ -58,18 +58,28 @@ def run_step(name: str, command: list[str], deadline: float) -> bool:
 
 
 def gpu(args) -> None:
-    deadline = time.monotonic() + args.deadline_s
-    py = sys.executable
+    """The pending steps until the deadline, then what exists so far under --out (also when the
+    deadline cut the run short: the GPU machine's disk goes when it is given back)."""
     state_file = DATA / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    try:
+        run_pending(state, state_file, args, time.monotonic() + args.deadline_s)
+    finally:
+        collect(state, Path(args.out))
 
-    def save():
+
+def run_pending(state: dict, state_file: Path, args, deadline: float) -> None:
+    py = sys.executable
+
+    def record(key: str, result: Path) -> None:
+        state[key] = json.loads(result.read_text())
         state_file.write_text(json.dumps(state, indent=2) + "\n")
 
-    if not (DATA / "base" / "scheduler").is_dir():
+    if "base" not in state:
         if not run_step("base", [py, "-m", "experiments.poc", "base", "--vae-steps", str(args.vae_steps),
-                                    "--vae-batch", str(args.vae_batch)], deadline):
+                                 "--vae-batch", str(args.vae_batch)], deadline):
             return
+        record("base", DATA / "base.json")
     for label, overrides in RUNS.items():
         if f"train_{label}" in state:
             continue
@@ -79,8 +89,7 @@ def gpu(args) -> None:
             command += ["--set", item]
         if not run_step(f"train {label}", command, deadline):
             return
-        state[f"train_{label}"] = json.loads(result.read_text())
-        save()
+        record(f"train_{label}", result)
     for label in RUNS:
         if f"evaluate_{label}" in state:
             continue
@@ -89,21 +98,22 @@ def gpu(args) -> None:
                    "--no-register", "--train-clips", str(TRAIN_CLIPS_EVALUATED), "--result", str(result)]
         if not run_step(f"evaluate {label}", command, deadline):
             return
-        state[f"evaluate_{label}"] = json.loads(result.read_text())
-        save()
-    collect(state, Path(args.out))
+        record(f"evaluate_{label}", result)
 
 
 def collect(state: dict, out: Path) -> None:
-    """results.json, the MLflow database and the contact sheet, under out."""
+    """results.json, the MLflow database and, once both runs are evaluated, the contact sheet."""
     from experiments.poc.sheet import contact_sheet_png
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
-    shutil.copy(Path("data/mlflow/mlflow.db"), out / "mlflow.db")
-    contact_sheet_png(DATA / "dataset", {label: Path(state[f"evaluate_{label}"]["folder"]) for label in RUNS},
-                      out / "poc-contact-sheet.png")
-    print(f"[poc] results in {out}", flush=True)
+    database = Path("data/mlflow/mlflow.db")
+    if database.is_file():
+        shutil.copy(database, out / "mlflow.db")
+    if all(f"evaluate_{label}" in state for label in RUNS):
+        contact_sheet_png(DATA / "dataset", {label: Path(state[f"evaluate_{label}"]["folder"]) for label in RUNS},
+                          out / "poc-contact-sheet.png")
+    print(f"[poc] results so far in {out}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
