@@ -29,13 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = "configs/poc-synthetic.yaml"
-DATA = Path("data/poc")
-RUNS = {
-    "A": ["train.run_name=poc-A-full"],
-    "B": ["train.run_name=poc-B-no-photos", "model.objective.drop_product_prob=0.85",
-          "model.objective.drop_both_prob=0.15", "model.objective.drop_text_prob=0.0"],
-}
+from experiments.poc import CONFIG, DATA, RUNS
+
 TRAIN_CLIPS_EVALUATED = 16
 
 
@@ -124,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     base = commands.add_parser("base", help="write data/poc/base (trains the VAE: GPU)")
     base.add_argument("--vae-steps", type=int, default=1500)
     base.add_argument("--vae-batch", type=int, default=8)
+    report = commands.add_parser("report", help="loss curves, table and plot from a run's MLflow database")
+    report.add_argument("--mlflow-db", required=True)
+    report.add_argument("--out", required=True)
     run = commands.add_parser("gpu", help="the next steps of the experiment, until the deadline")
     run.add_argument("--deadline-s", type=float, default=540)
     run.add_argument("--vae-steps", type=int, default=1500)
@@ -145,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         info = build_base(DATA / "base", DATA / "dataset", d.frames, d.frame_stride, d.height, d.width,
                           vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_lr=3e-4, device=resolve_device("auto").type)
         (DATA / "base.json").write_text(json.dumps(info, indent=2) + "\n")
+    elif args.command == "report":
+        from experiments.poc.report import write_report
+        print(write_report(Path(args.mlflow_db), Path(args.out)))
     else:
         gpu(args)
 
