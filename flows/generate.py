@@ -19,8 +19,6 @@ The same as a Prefect flow: `generate(...)` (deployment `generate/default`).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from models.pipeline import ProductVideoPipeline
 from models.transformer import SPATIAL_FACTOR, TEMPORAL_FACTOR
 from storage import tracking
 from storage.images import ImageError, load_mask_png, load_photo
+from storage.layout import DatasetRoot
 from storage.video import VideoError, probe, read_video, write_video
 from tasks.model_store import IncompatibleCheckpointError, load_pipeline
 from tasks.run_config import RunConfig
@@ -163,15 +162,8 @@ def generate_video(pipe: ProductVideoPipeline, sampler: SamplerConfig, inputs: G
                                          else product_guidance),
                  generator=torch.Generator(device=device).manual_seed(seed), feather_px=sampler.feather_px,
                  output_type="np", callback=callback)[0]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{output.stem}-", suffix=".mp4", dir=output.parent)
-    os.close(fd)
-    try:
+    with DatasetRoot.create(output.parent).atomic_file(output.name) as tmp:
         write_video(tmp, video, fps=inputs.fps)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return output
 
 

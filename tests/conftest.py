@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+# Session fixtures are defined here once: imported into several test modules instead, each module
+# would get its own instance (its own data dir and MLflow store), and results would depend on the
+# order the modules run in.
+from tests.issue4_eval_fixtures import (local_mlflow, logged_model, split_dataset,  # noqa: F401, E402
+                                        tiny_config_file, trained_champion)
+from tests.issue4_fixtures import tiny_data_dir, tiny_dataset  # noqa: F401, E402
+
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_test_server(tmp_path_factory):

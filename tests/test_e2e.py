@@ -12,8 +12,6 @@ from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.video import read_video
 from tasks.evaluate import split_rows
-from tests.issue4_eval_fixtures import local_mlflow, split_dataset, trained_champion  # noqa: F401 (fixtures)
-from tests.issue4_fixtures import tiny_data_dir  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,7 @@ from flows.evaluate import TRAINING_DATA_TAG, evaluate
 from storage import tracking
 from storage.layout import DatasetRoot
 from tasks.evaluate import EvaluationError, read_rows, split_rows, training_data_hashes
-from tests.issue4_eval_fixtures import (local_mlflow, logged_model, split_dataset,  # noqa: F401 (fixtures)
-                                        tiny_config_file, write_config)
-from tests.issue4_fixtures import tiny_data_dir  # noqa: F401
+from tests.issue4_eval_fixtures import write_config
 
 pytestmark = pytest.mark.slow
 NAME = "evaluate-test-model"

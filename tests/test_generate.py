@@ -7,8 +7,6 @@ import pytest
 from flows.generate import GenerateInputError, load_inputs, main as generate_cli, nearest_valid_frames
 from storage.images import load_mask_png, save_png
 from storage.video import read_video, write_video
-from tests.issue4_eval_fixtures import local_mlflow, logged_model, split_dataset, tiny_config_file  # noqa: F401
-from tests.issue4_fixtures import tiny_data_dir  # noqa: F401
 
 
 def _inputs(folder, frames=9, height=32, width=48, mask_frames=None, mask_size=None, images=1):

@@ -14,8 +14,7 @@ from storage.hashing import sha256_file
 from storage.layout import DatasetRoot
 from tasks.precompute import LatentsError, LatentSpec, _encoders, load_clip_window, precompute_clip
 from tasks.train import TrainData, TrainingError
-from tests.issue4_fixtures import (TINY_CONFIG, one_torch_thread, tiny_data_dir, tiny_dataset,  # noqa: F401
-                                   tiny_run_config)
+from tests.issue4_fixtures import TINY_CONFIG, one_torch_thread, tiny_run_config  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

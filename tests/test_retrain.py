@@ -10,9 +10,7 @@ from mlflow.tracking import MlflowClient
 from flows.retrain import data_changes, retrain
 from storage import tracking
 from storage.layout import DatasetRoot
-from tests.issue4_eval_fixtures import (BUILD_OPTIONS, local_mlflow, split_dataset,  # noqa: F401 (fixtures)
-                                        trained_champion, write_config)
-from tests.issue4_fixtures import tiny_data_dir  # noqa: F401
+from tests.issue4_eval_fixtures import BUILD_OPTIONS, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from prefect.settings import PREFECT_API_URL
 from flows.train import train
 from storage.tracking import tracking_uri
 from tasks.model_store import IncompatibleCheckpointError, load_model_folder, read_model_card
-from tests.issue4_fixtures import REPO, TINY_CONFIG, one_torch_thread, tiny_data_dir, tiny_dataset  # noqa: F401
+from tests.issue4_fixtures import REPO, TINY_CONFIG, one_torch_thread  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
