@@ -6,7 +6,8 @@ Measures, in one run:
 - throughput: source-video seconds per wall second, first run;
 - the pipeline's wall time divided by the time FFmpeg alone (the same libraries, through PyAV, on
   as many threads as the pipeline) needs to decode its inputs and encode its outputs;
-- a re-run with nothing changed, as a share of the first run.
+- a re-run with nothing changed, as a share of the first run;
+- where the first run's time goes: task seconds per stage, from the Prefect API.
 
     python benchmarks/bench_build_dataset.py --products 8 --workdir /tmp/bench
 
@@ -97,6 +98,25 @@ def ffmpeg_alone(sources: list[Path], outputs: list[Path], settings: EncodeSetti
     return t_decode, time.perf_counter() - t0
 
 
+def stage_seconds(flow_run_id) -> dict[str, tuple[int, float]]:
+    """{stage: (task runs, summed run seconds)} of one flow run, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    stages: dict[str, tuple[int, float]] = {}
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while page := client.read_task_runs(flow_run_filter=flow_runs, limit=200, offset=offset):
+            for run in page:
+                # "segment: <clip>" for per-item tasks, "ingest-4a3" (Prefect's suffix) for the others
+                stage = run.name.split(":")[0] if ":" in run.name else run.name.rsplit("-", 1)[0]
+                count, seconds = stages.get(stage, (0, 0.0))
+                stages[stage] = (count + 1, seconds + run.total_run_time.total_seconds())
+            offset += len(page)
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--products", type=int, default=8)
@@ -112,8 +132,9 @@ def main() -> None:
 
     params = dict(source=str(source), output=str(out), segmenter="classic", background_removal="classic")
     t0 = time.perf_counter()
-    summary = build_dataset(**params)
+    state = build_dataset(**params, return_state=True)
     t_first = time.perf_counter() - t0
+    summary = state.result()
     t0 = time.perf_counter()
     build_dataset(**params)
     t_rerun = time.perf_counter() - t0
@@ -141,6 +162,10 @@ def main() -> None:
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
+    print("\nfirst run, per stage (task seconds: the sum of its tasks' run times)")
+    print("| stage | tasks | task seconds |\n|---|---|---|")
+    for stage, (count, seconds) in stage_seconds(state.state_details.flow_run_id).items():
+        print(f"| {stage} | {count} | {seconds:.1f} |")
 
 
 if __name__ == "__main__":
