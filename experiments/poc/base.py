@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+from models.metrics import psnr
 from models.pipeline import make_scheduler
 from models.tiny import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
 from storage.layout import DatasetRoot
@@ -42,10 +43,6 @@ def train_clips(dataset: Path, frames: int, stride: int, height: int, width: int
     rows = [r for r in root.read_manifest("dataset").to_pylist() if r["split"] == "train"]
     windows = [load_clip_window(root, r["video_path"], r["mask_dir"], frames, stride, height, width)[0] for r in rows]
     return torch.stack(windows)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(10 * torch.log10(1 / torch.mean((a.float() - b.float()) ** 2)))
 
 
 def train_vae(clips: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float, device: str,
@@ -75,9 +72,15 @@ def train_vae(clips: torch.Tensor, steps: int, batch_size: int, lr: float, kl_we
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"vae step {step:5d}  loss {loss.item():.4f}  psnr {psnr((recon + 1) / 2, (x + 1) / 2):.2f} dB  "
+            log(f"vae step {step:5d}  loss {loss.item():.4f}  psnr {psnr(_unit(recon), _unit(x)):.2f} dB  "
                 f"{time.perf_counter() - started:.0f} s")
     return vae.eval()
+
+
+def _unit(video: torch.Tensor) -> np.ndarray:
+    """(B, 3, T, H, W) in [-1, 1] -> (B*T, H, W, 3) in [0, 1], the layout models.metrics measures."""
+    frames = ((video.detach().float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
+    return frames.reshape(-1, *frames.shape[2:]).cpu().numpy()
 
 
 @torch.no_grad()
