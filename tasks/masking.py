@@ -85,8 +85,8 @@ class Leakage:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
 
     def add(self, decoded: np.ndarray, fill: np.ndarray, region: np.ndarray) -> None:
-        diff = np.abs(decoded[region].astype(np.int16) - fill[region].astype(np.int16)).max(axis=1)
-        self.counts += np.bincount(diff, minlength=256)
+        largest = cv2.absdiff(decoded, fill).max(axis=2)
+        self.counts += np.bincount(largest[region], minlength=256)
 
     @property
     def mean(self) -> float:
@@ -108,8 +108,8 @@ def mask_clip(clip: dict, masks: dict, root: str, cfg: MaskConfig) -> StageResul
         mask_paths = _mask_paths(clip, masks, out)
         video = out.path(clip["video_path"])
         with out.atomic_file(rel) as tmp:
-            _encode(video, mask_paths, tmp, clip, cfg)
-            leakage = _measure(tmp, mask_paths, clip, cfg)
+            regions = _encode(video, mask_paths, tmp, clip, cfg)
+            leakage = _measure(tmp, regions, clip, cfg)
             if leakage.p99 > cfg.max_leakage_p99:
                 raise RejectError(
                     "mask_leakage",
@@ -190,9 +190,13 @@ def fill_frame(h: int, w: int, index: int, clip_key: str, cfg: MaskConfig) -> np
     return np.repeat(grey[..., None], 3, axis=2)
 
 
-def _encode(video: Path, mask_paths: list[Path], target: Path, clip: dict, cfg: MaskConfig) -> None:
+def _encode(video: Path, mask_paths: list[Path], target: Path, clip: dict, cfg: MaskConfig) -> list[np.ndarray]:
+    """Write the masked video; returns, per frame, the region its leakage is measured on (the mask
+    eroded by leakage_erode_px; all of it where the mask is thinner), so `_measure` reads no PNG again."""
     size = (clip["height"], clip["width"])
     settings = EncodeSettings(crf=cfg.crf, preset=cfg.preset)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.leakage_erode_px + 1,) * 2)
+    regions = []
     with VideoWriter(target, clip["fps"], *size, settings) as writer:
         for i, frame, mask in _frames_with_masks(video, mask_paths):
             if frame.shape[:2] != size:
@@ -201,19 +205,19 @@ def _encode(video: Path, mask_paths: list[Path], target: Path, clip: dict, cfg: 
                     f"{video.name} decodes to {frame.shape[1]}x{frame.shape[0]}, "
                     f"the clips row says {size[1]}x{size[0]}",
                 )
-            writer.write(np.where(mask[..., None], fill_frame(*size, i, clip["clip_key"], cfg), frame))
+            np.copyto(frame, fill_frame(*size, i, clip["clip_key"], cfg), where=mask[..., None])
+            writer.write(frame)
+            region = cv2.erode(mask.view(np.uint8), kernel).view(bool)
+            regions.append(region if region.any() else mask)
+    return regions
 
 
-def _measure(encoded: Path, mask_paths: list[Path], clip: dict, cfg: MaskConfig) -> Leakage:
-    """Decode the written file and histogram |decoded - fill| inside the eroded masks."""
+def _measure(encoded: Path, regions: list[np.ndarray], clip: dict, cfg: MaskConfig) -> Leakage:
+    """Decode the written file and histogram |decoded - fill| inside each frame's region."""
     leakage = Leakage()
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.leakage_erode_px + 1,) * 2)
-    for i, decoded, mask in _frames_with_masks(encoded, mask_paths):
-        region = cv2.erode(mask.astype(np.uint8), kernel).astype(bool)
-        if not region.any():  # a mask thinner than the erosion: measure all of it
-            region = mask
-        if region.any():
-            leakage.add(decoded, fill_frame(*decoded.shape[:2], i, clip["clip_key"], cfg), region)
+    for i, (_, decoded) in enumerate(iter_frames(encoded)):
+        if i < len(regions) and regions[i].any():
+            leakage.add(decoded, fill_frame(*decoded.shape[:2], i, clip["clip_key"], cfg), regions[i])
     return leakage
 
 

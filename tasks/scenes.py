@@ -2,10 +2,10 @@
 
 The source is decoded once, in a single streaming pass:
 
-    iter_frames (upright, square pixels) -> resample_cfr (cfg.fps) -> iter_shot_frames:
+    iter_frames (upright, square pixels, resized and cropped to height x width while decoding)
+    -> resample_cfr (cfg.fps) -> iter_shot_frames:
         a downscaled BGR copy feeds PySceneDetect's detector (`process_frame`),
-        the normalised frame (fit_crop to height x width) waits out the detector's look-ahead
-        and then comes out tagged with its shot
+        the frame waits out the detector's look-ahead and then comes out tagged with its shot
     -> _ClipCutter: cuts each shot into windows and encodes each window to video_clips/{clip_key}.mp4
 
 Memory stays bounded by one clip window (at most max_clip_s of H x W frames) plus the detector's
@@ -22,7 +22,6 @@ becomes a "shot_tail_too_short" reject row.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import sys
@@ -41,7 +40,7 @@ from scenedetect.detectors import AdaptiveDetector, ContentDetector
 from storage.hashing import sha256_file
 from storage.layout import DatasetRoot, clip_key
 from storage.rejects import reject_row
-from storage.video import EncodeSettings, VideoError, VideoWriter, fit_crop, iter_frames, probe, resample_cfr
+from storage.video import EncodeSettings, VideoError, VideoWriter, iter_frames, probe, resample_cfr
 from tasks.stage import StageResult, stage_task
 
 STAGE = "scenes"
@@ -103,7 +102,7 @@ def _detection_frame(rgb: np.ndarray, width: int) -> np.ndarray:
 
 
 def iter_shot_frames(
-    frames: Iterable[tuple[int, np.ndarray]], cfg: SceneConfig, prepare: Callable[[np.ndarray], object]
+    frames: Iterable[tuple[int, np.ndarray]], cfg: SceneConfig, prepare: Callable[[np.ndarray], object] = lambda rgb: rgb
 ) -> Iterator[tuple[int, int, object]]:
     """CFR frames (index, RGB) -> (shot number, index, prepare(frame)), in order.
 
@@ -207,15 +206,14 @@ class _ClipCutter:
 
     # -- public -------------------------------------------------------------------------------
     def cut(self, frames: Iterator[tuple[float, np.ndarray]]) -> None:
-        """Decode-order source frames (time, RGB) -> clips; a VideoError mid-stream is raised after
+        """Decode-order source frames (time, RGB at height x width) -> clips; a VideoError mid-stream is raised after
         the frames before it were cut, so `finish` can still keep them."""
         first = next(frames, None)
         if first is None:
             raise VideoError("video_undecodable", "no decodable video frame")
         self._t0 = first[0]
         cfr = resample_cfr(itertools.chain([first], frames), self._cfg.fps)
-        normalise = functools.partial(fit_crop, height=self._cfg.height, width=self._cfg.width)
-        for shot, index, frame in iter_shot_frames(cfr, self._cfg, prepare=normalise):
+        for shot, index, frame in iter_shot_frames(cfr, self._cfg):
             self._add(shot, index, frame)
 
     def finish(self) -> None:
@@ -334,7 +332,7 @@ def split_video(video: dict, root: str, cfg: SceneConfig) -> StageResult:
     broken: list[dict] = []
     try:
         try:
-            cutter.cut(iter_frames(uri))
+            cutter.cut(iter_frames(uri, fit=(cfg.height, cfg.width)))
         except VideoError as exc:  # a corrupt tail: the clips cut before it are kept
             broken.append(reject_row(STAGE, uri, exc.code, str(exc), product_id))
         cutter.finish()
@@ -343,4 +341,4 @@ def split_video(video: dict, root: str, cfg: SceneConfig) -> StageResult:
         raise
     return {"rows": cutter.rows, "rejects": cutter.rejects + broken}
 
-scenes_task = stage_task("scenes", "1")(split_video)
+scenes_task = stage_task("scenes", "2")(split_video)

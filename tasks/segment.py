@@ -8,6 +8,13 @@ clips row + product prompt -> masks/{clip_key}/{frame:05d}.png  (8-bit, 0 / 255)
 Masks that fail quality control (empty, too small or large, flickering, several products) are
 rejected and no mask file of the clip is left under the root: a clip trains the model only
 with masks good enough to say exactly where the product is.
+
+Segmentation, post-processing and quality control run on the clip downscaled to `work_height`
+(240 of 480 lines by default: a quarter of the pixels, so about a quarter of the time); the masks
+are then upsampled to the clip's size (bilinear on the 0/255 mask, so edges land within half a
+working pixel) and dilated there. Pixel settings (`smoothing_motion_px`, `dilate_px`) are in clip
+pixels whatever the working size. Quality control measures the working-size masks, before
+dilation. (SAM2 itself predicts masks at 256 x 256 per 1024 x 1024 input.)
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from storage.hashing import sha256_files
 from storage.images import save_png
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError, reject_row
-from storage.video import read_video
+from storage.video import probe, read_video
 from tasks.stage import StageResult, stage_task
 
 STAGE = "segment"
@@ -36,6 +43,9 @@ class SegmentConfig(GroundedSam2Settings, ClassicSettings):
     """Backend choice and its settings (inherited), post-processing, and quality thresholds."""
 
     backend: Literal["grounded-sam2", "classic"] = "grounded-sam2"
+    work_height: int | None = Field(
+        240, ge=16, description="segment at this height (aspect kept, never upscaled); None: at the clip's size"
+    )
     # Post-processing, in this order: small components, holes, temporal vote, dilation.
     min_component_fraction: float = Field(
         0.001, ge=0, lt=1, description="drop components below this share of the frame"
@@ -129,12 +139,21 @@ def dilate(masks: np.ndarray, px: int) -> np.ndarray:
     return np.stack([cv2.dilate(m.astype(np.uint8), kernel).astype(bool) for m in masks])
 
 
-def postprocess(masks: np.ndarray, cfg: SegmentConfig) -> np.ndarray:
+def postprocess(masks: np.ndarray, cfg: SegmentConfig, scale: float = 1.0) -> np.ndarray:
+    """Components, holes and the temporal vote, on masks `scale` times the clip's size; dilation
+    is left to `upsample` (it is in clip pixels)."""
     masks = remove_small_components(masks, cfg.min_component_fraction)
     if cfg.fill_holes:
         masks = fill_holes(masks, cfg.max_hole_fraction)
-    masks = temporal_majority(masks, cfg.smoothing_window, cfg.smoothing_motion_px)
-    return dilate(masks, cfg.dilate_px)
+    return temporal_majority(masks, cfg.smoothing_window, round(cfg.smoothing_motion_px * scale))
+
+
+def upsample(masks: np.ndarray, height: int, width: int, dilate_px: int) -> np.ndarray:
+    """Masks at the clip's size: bilinear on 0/255 and a threshold at half, then `dilate_px`."""
+    if masks.shape[1:] != (height, width):
+        masks = np.stack([cv2.resize(m.astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_LINEAR) > 127
+                          for m in masks])
+    return dilate(masks, dilate_px)
 
 
 # -- quality control ----------------------------------------------------------------------------
@@ -227,18 +246,21 @@ def segment_clip(clip: dict, prompt: str, root: str, cfg: SegmentConfig) -> Stag
         shutil.rmtree(ds.path(mask_rel), ignore_errors=True)
         return {"rows": [], "rejects": [reject_row(STAGE, key, code, reason, clip["product_id"], clip["clip_id"])]}
 
+    path = ds.path(clip["video_path"])
     try:
-        frames = read_video(ds.path(clip["video_path"]))
+        info = probe(path)
+        frames = read_video(path, cfg.work_height)
     except RejectError as exc:
         return reject(exc.code, f"clip {clip['video_path']}: {exc}")
 
     segmenter = load_segmenter(cfg)
     found = segmenter.segment(frames, prompt)
-    masks = postprocess(found.masks, cfg)
+    masks = postprocess(found.masks, cfg, scale=frames.shape[1] / info.height)
     stats = mask_stats(masks)
     failure = quality_failure(stats, found.num_objects, cfg)
     if failure:
         return reject(*failure)
+    masks = upsample(masks, info.height, info.width, cfg.dilate_px)
 
     with ds.atomic_dir(mask_rel) as folder:
         pngs = [folder / f"{i:05d}.png" for i in range(len(masks))]
@@ -262,4 +284,4 @@ def segment_clip(clip: dict, prompt: str, root: str, cfg: SegmentConfig) -> Stag
     return {"rows": [row], "rejects": []}
 
 
-segment_task = stage_task(STAGE, "1")(segment_clip)
+segment_task = stage_task(STAGE, "2")(segment_clip)

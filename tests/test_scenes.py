@@ -6,13 +6,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
 import tasks.scenes as scenes
 from storage.hashing import sha256_file
 from storage.schemas import to_table
-from storage.video import VideoError, iter_frames, probe, read_video, resample_cfr, write_video
+from storage.video import VideoError, fit_crop, iter_frames, probe, read_video, resample_cfr, write_video
 from tasks.scenes import SceneConfig, find_shots, split_video
 
 FPS = 24
@@ -233,8 +234,8 @@ def test_unusable_inputs_become_reject_rows(tmp_path, three_shots, kind):
 def test_corrupt_tail_keeps_the_clips_before_it(three_shots, tmp_path, monkeypatch):
     real_iter_frames = iter_frames
 
-    def breaks_at_10s(uri, threads=0):
-        for t, img in real_iter_frames(uri, threads):
+    def breaks_at_10s(uri, threads=0, fit=None):
+        for t, img in real_iter_frames(uri, threads, fit):
             if t >= 10.0:
                 raise VideoError("video_corrupt", "decoding stopped at 10.00 s: invalid data")
             yield t, img
@@ -248,3 +249,19 @@ def test_corrupt_tail_keeps_the_clips_before_it(three_shots, tmp_path, monkeypat
     assert 10.0 - 1.01 / FPS <= second["end_s"] <= 10.0
     assert sorted(r["reason_code"] for r in result["rejects"]) == ["shot_too_short", "video_corrupt"]
     assert len(clip_files(tmp_path / "out")) == 2
+
+
+@pytest.mark.parametrize("height, width", [(150, 250), (250, 150)])
+def test_resizing_while_decoding_matches_fit_crop(tmp_path, height, width):
+    # A smooth picture (a resize of noise), so two good area resamplers agree to about a level in
+    # luma (swscale resizes chroma at its 4:2:0 resolution, so colours differ a little more).
+    rng = np.random.default_rng(0)
+    picture = cv2.resize(rng.integers(0, 256, (height // 10, width // 10, 3), dtype=np.uint8), (width, height),
+                         interpolation=cv2.INTER_CUBIC)
+    path = tmp_path / "src.mp4"
+    write_video(path, [picture] * 3, FPS)
+    fitted = [img for _, img in iter_frames(path, fit=(H, W))]
+    cropped = [fit_crop(img, H, W) for _, img in iter_frames(path)]
+    assert [f.shape for f in fitted] == [(H, W, 3)] * 3
+    luma = [cv2.cvtColor(np.concatenate(frames), cv2.COLOR_RGB2GRAY).astype(int) for frames in (fitted, cropped)]
+    assert np.abs(luma[0] - luma[1]).mean() < 2.0

@@ -14,7 +14,7 @@ from storage.hashing import sha256_files
 from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.schemas import to_table
-from storage.video import write_video
+from storage.video import work_size, write_video
 from tasks.segment import (
     SegmentConfig,
     dilate,
@@ -26,6 +26,7 @@ from tasks.segment import (
     segment_clip,
     segment_task,
     temporal_majority,
+    upsample,
 )
 
 
@@ -105,6 +106,21 @@ def test_small_holes_filled_large_openings_kept():
     filled = fill_holes(masks, max_fraction=0.01)  # 24 px of 2400
     assert filled[0, 14:16, 14:16].all() and not filled[0, 25:35, 25:35].any()
     assert fill_holes(masks, max_fraction=0.05)[0].sum() == 900
+
+
+def test_work_size_keeps_aspect_and_never_upscales():
+    assert work_size(480, 720, 240) == (240, 360)
+    assert work_size(720, 480, 240) == (240, 160)
+    assert work_size(96, 128, 240) == (96, 128) and work_size(480, 720, None) == (480, 720)
+
+
+def test_upsampled_masks_land_within_a_pixel_of_the_full_size_ones():
+    yy, xx = np.mgrid[:480, :720]
+    full = ((yy - 230) / 90.0) ** 2 + ((xx - 370) / 140.0) ** 2 <= 1
+    small = cv2.resize(full.astype(np.uint8) * 255, (360, 240), interpolation=cv2.INTER_AREA) > 127
+    up = upsample(small[None], 480, 720, dilate_px=0)[0]
+    assert up.shape == (480, 720) and iou(up, full) > 0.98
+    assert iou(upsample(small[None], 480, 720, dilate_px=3)[0], dilate(full[None], 3)[0]) > 0.98
 
 
 def test_dilation_grows_by_radius():
@@ -196,10 +212,11 @@ def write_clip(root: Path, frames: np.ndarray, key: str = "P001_c000") -> dict:
     return {"clip_key": key, "product_id": product_id, "clip_id": clip_id, "video_path": rel, "num_frames": len(frames)}
 
 
-def test_segment_clip_writes_masks_and_row(tmp_path):
+@pytest.mark.parametrize("work_height", [None, 120])
+def test_segment_clip_writes_masks_and_row(tmp_path, work_height):
     frames, truth = studio_clip(8, 240, 360)
     clip = write_clip(tmp_path, frames)
-    result = segment_clip(clip, "a mug", str(tmp_path), SegmentConfig(backend="classic"))
+    result = segment_clip(clip, "a mug", str(tmp_path), SegmentConfig(backend="classic", work_height=work_height))
     assert result["rejects"] == [] and len(result["rows"]) == 1
     row = result["rows"][0]
     to_table("masks", result["rows"])  # matches the manifest schema
@@ -208,6 +225,7 @@ def test_segment_clip_writes_masks_and_row(tmp_path):
     assert row["sha256"] == sha256_files(pngs)
     assert row["segmenter"] == "classic" and row["prompt"] == "a mug" and row["num_frames"] == 8
     masks = np.stack([load_mask_png(p) for p in pngs])
+    assert masks.shape == (8, 240, 360)  # the clip's size, whatever size it was segmented at
     assert np.mean([iou(m, t) for m, t in zip(masks, truth)]) >= 0.9  # through H.264 too
     assert row["coverage_min"] <= row["coverage_mean"] <= row["coverage_max"]
     assert 0.6 <= row["temporal_iou_min"] <= 1.0

@@ -101,10 +101,19 @@ def foreground_mask(rgb: np.ndarray, settings: ClassicSettings) -> np.ndarray:
     threshold = max(settings.classic_threshold_k * noise, settings.classic_min_delta_e)
     mask = cv2.compare(distance_sq, threshold**2, cv2.CMP_GT)  # 0 / 255
     # Opening drops isolated noise pixels; closing rejoins a product split by a backdrop-coloured seam.
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    kernel = _speckle_kernel(rgb.shape[0])
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
     return mask.astype(bool)
+
+
+@functools.lru_cache(maxsize=8)
+def _speckle_kernel(height: int) -> np.ndarray:
+    """An ellipse of about 5 px per 480 lines (3 at the segment stage's 240), odd, at least 3."""
+    size = max(3, 2 * round(height / 192) + 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    kernel.flags.writeable = False  # shared by every call for this height
+    return kernel
 
 
 def count_objects(mask: np.ndarray, min_fraction: float) -> int:
