@@ -85,8 +85,8 @@ class Leakage:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
 
     def add(self, decoded: np.ndarray, fill: np.ndarray, region: np.ndarray) -> None:
-        largest = cv2.absdiff(decoded, fill).max(axis=2)
-        self.counts += np.bincount(largest[region], minlength=256)
+        diff = cv2.absdiff(decoded, fill)[region]  # (pixels, 3); ndarray.max(axis=1) is 10x slower
+        self.counts += np.bincount(np.maximum(np.maximum(diff[:, 0], diff[:, 1]), diff[:, 2]), minlength=256)
 
     @property
     def mean(self) -> float:
@@ -205,7 +205,7 @@ def _encode(video: Path, mask_paths: list[Path], target: Path, clip: dict, cfg: 
                     f"{video.name} decodes to {frame.shape[1]}x{frame.shape[0]}, "
                     f"the clips row says {size[1]}x{size[0]}",
                 )
-            np.copyto(frame, fill_frame(*size, i, clip["clip_key"], cfg), where=mask[..., None])
+            cv2.copyTo(fill_frame(*size, i, clip["clip_key"], cfg), mask.view(np.uint8), frame)  # in place
             writer.write(frame)
             region = cv2.erode(mask.view(np.uint8), kernel).view(bool)
             regions.append(region if region.any() else mask)

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -97,7 +98,9 @@ def run_pending(state: dict, state_file: Path, args, deadline: float) -> None:
 
 
 def collect(state: dict, out: Path) -> None:
-    """results.json, the MLflow database and, once both runs are evaluated, the contact sheet."""
+    """results.json, the MLflow database, one archive of what there is to look at (the evaluated
+    videos with their per-clip metrics, the training runs' sample sheets) and, once both runs are
+    evaluated, the contact sheet. (The GPU tool brings back at most 8 files.)"""
     from experiments.poc.sheet import contact_sheet_png
 
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +108,14 @@ def collect(state: dict, out: Path) -> None:
     database = Path("data/mlflow/mlflow.db")
     if database.is_file():
         shutil.copy(database, out / "mlflow.db")
+    with tarfile.open(out / "outputs.tar.gz", "w:gz") as archive:
+        for label in RUNS:
+            if f"evaluate_{label}" in state:
+                archive.add(state[f"evaluate_{label}"]["folder"], arcname=f"evaluate_{label}")
+            if f"train_{label}" in state:
+                samples = Path(state[f"train_{label}"]["run_dir"]) / "samples"
+                if samples.is_dir():
+                    archive.add(samples, arcname=f"samples_{label}", filter=lambda t: None if t.name.endswith(".mp4") else t)
     if all(f"evaluate_{label}" in state for label in RUNS):
         contact_sheet_png(DATA / "dataset", {label: Path(state[f"evaluate_{label}"]["folder"]) for label in RUNS},
                           out / "poc-contact-sheet.png")
