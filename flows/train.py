@@ -6,6 +6,11 @@
 Started again with the same config on the same data, it resumes the run's last checkpoint into
 the same MLflow run (`--no-resume` starts a new one). MLflow: MLFLOW_TRACKING_URI when set, else
 SQLite under `mlflow.data_dir` (`mlflow ui --backend-store-uri sqlite:///data/mlflow/mlflow.db`).
+
+With train.distributed.nproc_per_node > 1 (or strategy fsdp) it trains through torchrun on that
+many GPUs of this host (tasks/torchrun.py, docs/distributed.md):
+
+    python -m flows.train --config configs/poc-1.3b.yaml --set train.distributed.nproc_per_node=2
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.cli import add_result_argument, emit_result
 from tasks.precompute import precompute_latents
 from tasks.run_config import load_run_config
+from tasks.torchrun import train_with_torchrun
 from tasks.train import run_training
 
 
@@ -34,7 +40,8 @@ def train(config: str = "configs/tiny.yaml", overrides: list[str] = [], resume: 
     logger = get_run_logger()
     cfg = load_run_config(config, overrides)
     latents = precompute_latents(cfg)
-    result = run_training(cfg, resume=resume, init_from=init_from)
+    launch = train_with_torchrun if cfg.train.distributed.uses_torchrun else run_training
+    result = launch(cfg, resume=resume, init_from=init_from)
     result = result | {"precompute": {key: latents[key] for key in ("signature", "ran", "cached")}
                        | {"rejects": len(latents["rejects"])}}
     resumed = (f"resumed from step {result['resumed_from_step']}" if result["resumed_from_step"] is not None

@@ -8,6 +8,8 @@ them. Latents are Wan-normalised: (z - latents_mean) / latents_std per channel.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 
 from models.config import ObjectiveConfig
@@ -48,25 +50,58 @@ def sample_condition_keep(batch_size: int, cfg: ObjectiveConfig, generator: torc
     return keep_text, keep_product
 
 
+@dataclass(frozen=True)
+class NoiseDraw:
+    """The random part of one loss evaluation, one row per sample."""
+
+    sigmas: torch.Tensor  # (B,) noise levels, shifted
+    noise: torch.Tensor  # like the latents
+    keep_text: torch.Tensor  # (B,) in {0., 1.}
+    keep_product: torch.Tensor
+
+    def rows(self, part: slice) -> "NoiseDraw":
+        return NoiseDraw(*(getattr(self, field.name)[part] for field in fields(self)))
+
+
+def draw_noise(shape: torch.Size | tuple[int, ...], cfg: ObjectiveConfig, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> NoiseDraw:
+    """Noise levels, noise and condition keep flags for a batch of latents of `shape`.
+
+    A data-parallel rank draws them for the whole global batch and keeps its own rows
+    (NoiseDraw.rows), so N ranks train on exactly the draws one process would make.
+    """
+    sigmas = sample_sigmas(shape[0], cfg, generator, device)
+    noise = torch.randn(shape, generator=generator, device=device)
+    keep_text, keep_product = sample_condition_keep(shape[0], cfg, generator, device)
+    return NoiseDraw(sigmas, noise, keep_text, keep_product)
+
+
+def weighted_error(model, batch: dict, draw: NoiseDraw, cfg: ObjectiveConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weighted squared velocity errors, sum of their weights): the loss is their ratio.
+
+    Returned apart so that data-parallel ranks can divide their errors by the weight sum of the
+    whole global batch: the loss is a ratio of sums over the batch, not a mean of per-rank means.
+    Cells under the mask weigh 1 + masked_region_weight x (masked fraction).
+    """
+    clean = batch["latents"].float()
+    sigma = draw.sigmas.view(-1, 1, 1, 1, 1)
+    noisy = (1 - sigma) * clean + sigma * draw.noise
+    predicted = model(noisy, batch["masked_latents"], batch["packed_mask"], draw.sigmas * NUM_TRAIN_TIMESTEPS,
+                      batch["text_embeds"], batch["image_tokens"], batch["image_mask"],
+                      keep_text=draw.keep_text, keep_product=draw.keep_product)
+    squared_error = (predicted.float() - (draw.noise - clean)) ** 2
+    weight = 1 + cfg.masked_region_weight * batch["packed_mask"].float().mean(dim=1, keepdim=True)
+    return (squared_error * weight).sum(), weight.sum() * squared_error.shape[1]
+
+
 def flow_matching_loss(model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Weighted MSE between the predicted and the true velocity.
 
     model: a models.transformer.ProductVideoGenerator. batch (precomputed, on the model's device):
     latents (B, 16, T', h, w) and masked_latents (same) Wan-normalised, packed_mask (B, 4, T', h, w)
     from models.transformer.pack_mask, text_embeds (B, L, text_dim), image_tokens (B, N, L_img, D),
-    image_mask (B, N) bool. Cells under the mask weigh 1 + masked_region_weight x (masked fraction).
+    image_mask (B, N) bool.
     """
-    clean = batch["latents"].float()
-    batch_size, device = clean.shape[0], clean.device
-    sigmas = sample_sigmas(batch_size, cfg, generator, device)
-    noise = torch.randn(clean.shape, generator=generator, device=device)
-    sigma = sigmas.view(-1, 1, 1, 1, 1)
-    noisy = (1 - sigma) * clean + sigma * noise
-    keep_text, keep_product = sample_condition_keep(batch_size, cfg, generator, device)
-
-    predicted = model(noisy, batch["masked_latents"], batch["packed_mask"], sigmas * NUM_TRAIN_TIMESTEPS,
-                      batch["text_embeds"], batch["image_tokens"], batch["image_mask"],
-                      keep_text=keep_text, keep_product=keep_product)
-    squared_error = (predicted.float() - (noise - clean)) ** 2
-    weight = 1 + cfg.masked_region_weight * batch["packed_mask"].float().mean(dim=1, keepdim=True)
-    return (squared_error * weight).sum() / (weight.sum() * squared_error.shape[1])
+    clean = batch["latents"]
+    error, weight = weighted_error(model, batch, draw_noise(clean.shape, cfg, generator, clean.device), cfg)
+    return error / weight

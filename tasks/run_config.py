@@ -72,6 +72,8 @@ class StageConfig(_Section):
 
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
+    # Clips per micro-batch over all ranks: a torchrun launch splits each micro-batch across its
+    # ranks, so the same config trains the same steps on any number of GPUs.
     batch_size: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     grad_accum: int = Field(1, ge=1)
@@ -84,6 +86,25 @@ class OptimizerConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)  # None = no clipping
+
+
+class DistributedConfig(_Section):
+    """Training on several GPUs of one host (docs/distributed.md).
+
+    nproc_per_node 1 with ddp trains in the train flow's own process (no process group); more
+    processes, or fsdp, make the flow start torchrun with one process per GPU. Activation
+    checkpointing is `train.gradient_checkpointing` (per Wan block) under every strategy.
+    """
+
+    nproc_per_node: int = Field(1, ge=1)  # processes (GPUs) on this host
+    # ddp: every rank holds the whole model, gradients are all-reduced (1.3B).
+    # fsdp: FSDP2 shards weights, gradients and optimizer state per Wan block (14B).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+    @property
+    def uses_torchrun(self) -> bool:
+        return self.nproc_per_node > 1 or self.strategy == "fsdp"
 
 
 class TrainConfig(_Section):
@@ -105,6 +126,18 @@ class TrainConfig(_Section):
     # Run folder name under runs_dir; None = "<config name>-<hash of config + data + init>", so the
     # same run started again resumes, and a changed config starts a new run.
     run_name: str | None = None
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _every_rank_gets_clips(self) -> "TrainConfig":
+        ranks = self.distributed.nproc_per_node
+        for name, stage in (("stage1", self.stage1), ("stage2", self.stage2)):
+            if stage is not None and stage.batch_size < ranks:
+                raise ValueError(f"train.{name}.batch_size {stage.batch_size} is smaller than "
+                                 f"train.distributed.nproc_per_node {ranks}: each micro-batch is split across "
+                                 "the ranks, so some would have no clip; raise the batch size (and lower "
+                                 "grad_accum to keep the effective batch) or use fewer processes")
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -149,8 +182,10 @@ class RunConfig(_Section):
         return self
 
     def fingerprint(self) -> str:
-        """Content hash of the resolved config (names a run, checks a checkpoint belongs to it)."""
-        return sha256_json(self.model_dump(mode="json"))
+        """Content hash of the resolved config (names a run, checks a checkpoint belongs to it).
+        train.distributed is left out: the batch is global, so how many GPUs share the work does
+        not change what is trained, and a run can resume on another number of GPUs."""
+        return sha256_json(self.model_dump(mode="json", exclude={"train": {"distributed"}}))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

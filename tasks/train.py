@@ -14,11 +14,16 @@ Determinism, which makes a killed run resume onto the same loss curve:
   (seed, stage, step, micro-batch), not from a global RNG stream;
 so a run resumed from step s sees exactly the batches and noise the uninterrupted run saw.
 
+On several GPUs (train.distributed, docs/distributed.md) torchrun runs this same loop on every
+rank: each micro-batch is global and every rank trains its rows of it (tasks/distributed.py), so
+the run is the same run whatever the number of GPUs, and resumes on another number.
+
 Run folder `<train.runs_dir>/<run name>/`:
 ```
 run.json                          MLflow run id, config fingerprint, status
-checkpoints/step-000042/          trainable.safetensors (this stage's trainable weights, float32),
-                                  state.pt (optimizer, scheduler, EMA, torch RNG), meta.json
+checkpoints/step-000042/          one process: trainable.safetensors (this stage's trainable weights,
+                                  float32), state.pt (optimizer, scheduler, EMA, torch RNG), meta.json;
+                                  torchrun ranks: a DCP folder (.metadata, __<rank>_0.distcp) + meta.json
 model/                            the final model folder (tasks/model_store.py), also MLflow artifact `model`
 ```
 """
@@ -37,7 +42,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from models.objective import flow_matching_loss
+from models.objective import draw_noise, weighted_error
 from models.training_stages import set_training_stage
 from models.transformer import ProductVideoGenerator
 from storage.hashing import sha256_json
@@ -45,14 +50,17 @@ from storage.images import save_png
 from storage.layout import DatasetRoot
 from storage.tracking import resolve_model_uri, setup_mlflow
 from storage.video import write_video
+from tasks.distributed import (World, gather_model, is_sharded, is_sharded_checkpoint, joined_world, load_sharded,
+                               prepare_model, save_sharded, shared_atomic_dir, stage_module)
 from tasks.model_store import (IncompatibleCheckpointError, build_pipeline, load_model_folder, read_model_card,
                                resolve_model_config, save_model_folder)
 from tasks.precompute import (LatentsError, LatentSpec, check_latents, load_clip_window, load_latents,
-                              load_product_photos, resolve_device)
+                              load_product_photos)
 from tasks.run_config import RunConfig, StageConfig, flatten
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
+META_FILE = "meta.json"
 MODEL_DIR = "model"
 TRAIN_SPLIT, VAL_SPLIT = "train", "val"
 
@@ -96,13 +104,36 @@ class TrainData:
             _derive_seed(seed, "order", stage, epoch))).tolist()
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
-    def batch(self, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-        return collate([load_latents(self.root, self.rows[i]) for i in indices], device)
+    def batch(self, indices: list[int], device: torch.device, images: int | None = None) -> dict[str, torch.Tensor]:
+        return collate([load_latents(self.root, self.rows[i]) for i in indices], device, images)
+
+    def share(self, indices: list[int], world: World, device: torch.device) -> "RankShare":
+        """This rank's part of the global micro-batch `indices`, padded to the photo count of the
+        whole micro-batch (so every rank's tensors are the rows one process would stack)."""
+        rows, weight = world.rows(len(indices)), 1.0
+        if rows.start == rows.stop:  # fewer clips than ranks (an epoch's last micro-batch)
+            rows, weight = slice(0, 1), 0.0
+        images = max(self.rows[i]["num_images"] for i in indices)
+        return RankShare(self.batch(indices[rows], device, images), rows, len(indices), weight)
 
 
-def collate(samples: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Stack per-clip tensors; product photos are padded to the largest count with an image mask."""
-    most = max(s["image_tokens"].shape[0] for s in samples)
+@dataclass
+class RankShare:
+    """The rows of one global micro-batch that this rank trains on."""
+
+    batch: dict[str, torch.Tensor]
+    rows: slice  # their place in the micro-batch (noise is drawn for all rows, then sliced)
+    global_size: int
+    # 0 for a rank left without clips: it runs the first clip with weight 0, so that it still
+    # takes part in every collective (DDP's all-reduce, FSDP's all-gathers) and adds nothing.
+    weight: float
+
+
+def collate(samples: list[dict[str, torch.Tensor]], device: torch.device,
+            images: int | None = None) -> dict[str, torch.Tensor]:
+    """Stack per-clip tensors; product photos are padded to `images` (default: the largest count)
+    with an image mask."""
+    most = images or max(s["image_tokens"].shape[0] for s in samples)
     tokens = torch.zeros(len(samples), most, *samples[0]["image_tokens"].shape[1:])
     image_mask = torch.zeros(len(samples), most, dtype=torch.bool)
     for i, sample in enumerate(samples):
@@ -159,23 +190,30 @@ def build_scheduler(optimizer, warmup_steps: int, total_steps: int):
     return get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
 
 
-def train_step(model: ProductVideoGenerator, batches: list[dict], cfg: RunConfig, optimizer, scheduler,
-               ema: EMAModel | None, seeds: list[int], device: torch.device) -> float:
-    """One optimizer step over len(batches) accumulated micro-batches; returns their mean loss.
+def train_step(model: torch.nn.Module, shares: list[RankShare], cfg: RunConfig, optimizer, scheduler,
+               ema: EMAModel | None, seeds: list[int], world: World, device: torch.device) -> float:
+    """One optimizer step over len(shares) accumulated micro-batches; returns their mean loss.
 
-    seeds[i] seeds micro-batch i's noise / timesteps / dropout (see the module docstring).
+    seeds[i] seeds micro-batch i's noise / timesteps / dropout (see the module docstring). Each
+    rank draws them for the whole micro-batch and keeps its rows, and divides its error by the
+    weight sum over all ranks: the ranks' parts add up to the loss one process computes.
     """
     optimizer.zero_grad(set_to_none=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16 and device.type == "cuda")
+    objective = cfg.model.objective
     losses = []
-    for batch, seed in zip(batches, seeds):
+    for share, seed in zip(shares, seeds):
         generator = torch.Generator(device=device).manual_seed(seed)
+        shape = (share.global_size, *share.batch["latents"].shape[1:])
+        draw = draw_noise(shape, objective, generator, device).rows(share.rows)
         with autocast:
-            loss = flow_matching_loss(model, batch, cfg.model.objective, generator)
+            error, weight = weighted_error(model, share.batch, draw, objective)
+        part = error * share.weight / world.sum(weight * share.weight)
+        loss = world.sum(part)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss is {loss.item()}: training diverged; lower the learning rate "
                                 "(the last checkpoint is kept, resume after fixing the config)")
-        (loss / len(batches)).backward()
+        (part * world.size / len(shares)).backward()  # DDP and FSDP average gradients over the ranks
         losses.append(loss.item())
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if cfg.train.optimizer.max_grad_norm is not None:
@@ -207,7 +245,25 @@ def save_checkpoint(run_root: DatasetRoot, model: torch.nn.Module, trainable: se
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "ema": None if ema is None else ema.state_dict(), "rng": rng}, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _write_meta(tmp, meta)
+    return run_root.path(rel)
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_training_checkpoint(run_root: DatasetRoot, world: World, model: torch.nn.Module, trainable: set[str],
+                             optimizer, scheduler, ema: EMAModel | None, meta: dict) -> Path:
+    """A single process writes save_checkpoint's files; the ranks of a torchrun launch write one
+    DCP folder together (tasks/distributed.py), which loads on any number of ranks."""
+    if not world.launched:
+        return save_checkpoint(run_root, model, trainable, optimizer, scheduler, ema, meta)
+    rel = f"{CHECKPOINTS}/{checkpoint_name(meta['global_step'])}"
+    with shared_atomic_dir(run_root, rel, world) as tmp:
+        save_sharded(tmp, model, optimizer, scheduler, ema)
+        if world.is_main:
+            _write_meta(tmp, meta)
     return run_root.path(rel)
 
 
@@ -218,7 +274,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def read_checkpoint_meta(folder: Path, cfg: RunConfig) -> dict:
     """The checkpoint's meta, refused when it was written by another config."""
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = json.loads((folder / META_FILE).read_text())
     if meta["config_fingerprint"] != cfg.fingerprint():
         raise IncompatibleCheckpointError(
             f"checkpoint {folder} was written by another run config (fingerprint "
@@ -245,6 +301,22 @@ def restore_state(folder: Path, optimizer, scheduler, ema: EMAModel | None) -> N
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def resume_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, ema: EMAModel | None) -> None:
+    """Load either checkpoint format into the stage's model, optimizer, scheduler and EMA: a DCP
+    folder on any number of ranks (one process included); a single process's files wherever the
+    weights are whole (one process, DDP)."""
+    if is_sharded_checkpoint(folder):
+        load_sharded(folder, model, optimizer, scheduler, ema)
+    elif is_sharded(model):
+        raise IncompatibleCheckpointError(
+            f"checkpoint {folder} was written by a single process, and FSDP resumes only the sharded "
+            "checkpoints of a torchrun launch: resume it with train.distributed.strategy=ddp, or start a new "
+            "run (resume=False or another train.run_name)")
+    else:
+        load_checkpoint_weights(folder, model)
+        restore_state(folder, optimizer, scheduler, ema)
 
 
 # -- samples ----------------------------------------------------------------------------------
@@ -301,9 +373,9 @@ def contact_sheet(panels: np.ndarray, columns: int = 5) -> np.ndarray:
     return np.concatenate(tiles, axis=1)
 
 
-def sample_and_log(pipeline, batch: ValidationBatch, cfg: RunConfig, label: str, out_dir: Path,
-                   device: torch.device) -> None:
-    """Generate the validation batch, write `<label>.mp4` and `<label>.png`, log both to MLflow."""
+def generate_samples(pipeline, batch: ValidationBatch, cfg: RunConfig, device: torch.device) -> np.ndarray:
+    """The validation batch generated, as sample_panels (every rank runs it: FSDP ranks compute
+    the sharded model's forward together)."""
     steps = cfg.train.sample_steps or cfg.model.sampler.num_inference_steps
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16 and device.type == "cuda")
     with autocast:
@@ -311,9 +383,13 @@ def sample_and_log(pipeline, batch: ValidationBatch, cfg: RunConfig, label: str,
                              num_inference_steps=steps, text_guidance_scale=cfg.model.sampler.text_guidance_scale,
                              product_guidance_scale=cfg.model.sampler.product_guidance_scale,
                              generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
-    panels = sample_panels(batch, generated.float().cpu())
+    return sample_panels(batch, generated.float().cpu())
+
+
+def log_samples(panels: np.ndarray, fps: float, label: str, out_dir: Path) -> None:
+    """Write `<label>.mp4` and `<label>.png` (contact sheet), log both to MLflow."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_video(out_dir / f"{label}.mp4", list(panels), batch.fps)
+    write_video(out_dir / f"{label}.mp4", list(panels), fps)
     save_png(out_dir / f"{label}.png", contact_sheet(panels))
     mlflow.log_artifact(str(out_dir / f"{label}.mp4"), "samples")
     mlflow.log_artifact(str(out_dir / f"{label}.png"), "samples")
@@ -343,7 +419,21 @@ def run_training(cfg: RunConfig, resume: bool = True, init_from: str | None = No
     is returned as it is. False starts a new run folder and MLflow run. init_from: a model folder
     or URI (runs:/, models:/) whose generator is the starting point (fine-tuning, e.g. retrain).
     Returns {run_id, model_uri, run_dir, model_dir, global_step, final_loss, resumed_from_step}.
+
+    Started by torchrun (tasks/torchrun.py), every rank runs this same function: it joins the
+    process group, trains its share of each batch, and only rank 0 talks to MLflow and writes the
+    run record and the model folder (tasks/distributed.py).
     """
+    with joined_world(cfg.train) as world:
+        if cfg.train.distributed.uses_torchrun and not world.launched:
+            raise TrainingError(
+                f"train.distributed asks for {cfg.train.distributed.nproc_per_node} process(es) with "
+                f"{cfg.train.distributed.strategy}, but this process was not started by torchrun: train through "
+                "the train flow (it starts torchrun), or set train.distributed.nproc_per_node=1 and strategy=ddp")
+        return _run_training(cfg, resume, init_from, world)
+
+
+def _run_training(cfg: RunConfig, resume: bool, init_from: str | None, world: World) -> dict:
     data = TrainData.load(cfg)
     init_folder = resolve_model_uri(str(init_from)) if init_from is not None else None
     init_card = read_model_card(init_folder) if init_folder is not None else None
@@ -351,9 +441,10 @@ def run_training(cfg: RunConfig, resume: bool = True, init_from: str | None = No
     runs_dir = Path(cfg.train.runs_dir).expanduser().resolve()
     if not resume and (runs_dir / name).exists():
         name = _fresh_run_name(name)
+    name = world.broadcast(name)  # a fresh name holds rank 0's clock
     run_root = DatasetRoot.create(runs_dir / name)
     run_file = run_root.path(RUN_FILE)
-    record = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    record = world.broadcast(json.loads(run_file.read_text()) if run_file.is_file() else {})
     if record and record["config_fingerprint"] != cfg.fingerprint():
         raise IncompatibleCheckpointError(
             f"run folder {run_root.root} belongs to another run config; choose another train.run_name "
@@ -361,49 +452,54 @@ def run_training(cfg: RunConfig, resume: bool = True, init_from: str | None = No
     if record.get("status") == "finished":
         return record["result"]
 
-    device = resolve_device(cfg.train.device)
+    device = world.device
     model_cfg = resolve_model_config(cfg.model, cfg.mlflow.data_dir)
     if init_folder is not None:
         model, _ = load_model_folder(init_folder, expect=cfg.model, data_dir=cfg.mlflow.data_dir)
     else:
-        torch.manual_seed(cfg.train.seed)  # the fresh product layers' initial weights
+        torch.manual_seed(cfg.train.seed)  # the fresh product layers' initial weights (the same on every rank)
         model = ProductVideoGenerator.from_model_config(model_cfg)
     model.to(device).train()
     if cfg.train.gradient_checkpointing:
         model.transformer.wan.enable_gradient_checkpointing()
+    prepare_model(model, world, cfg.train.distributed.strategy)
 
-    setup_mlflow(cfg.mlflow.experiment, cfg.mlflow.data_dir)
-    # nested: a caller's own MLflow run (e.g. retrain's) stays open around this one
-    active = mlflow.start_run(run_id=record.get("mlflow_run_id"), run_name=None if record else name,
-                              nested=mlflow.active_run() is not None,
-                              log_system_metrics=cfg.mlflow.log_system_metrics)
-    run_id = active.info.run_id
-    if not record:
-        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
-        mlflow.log_params({"run.init_from": str(init_from), "run.name": name, "run.train_clips": len(data.rows),
-                           "run.latents_signature": data.rows[0]["signature"], "run.device": str(device)})
-        mlflow.log_text(cfg.to_yaml(), "run_config.yaml")
-        record = {"mlflow_run_id": run_id, "config_fingerprint": cfg.fingerprint(), "run_name": name,
-                  "init_from": init_from, "status": "running"}
-        run_root.write_json(RUN_FILE, record)
+    run_id = None
+    if world.is_main:
+        setup_mlflow(cfg.mlflow.experiment, cfg.mlflow.data_dir)
+        # nested: a caller's own MLflow run (e.g. retrain's) stays open around this one
+        active = mlflow.start_run(run_id=record.get("mlflow_run_id"), run_name=None if record else name,
+                                  nested=mlflow.active_run() is not None,
+                                  log_system_metrics=cfg.mlflow.log_system_metrics)
+        run_id = active.info.run_id
+        if not record:
+            mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+            mlflow.log_params({"run.init_from": str(init_from), "run.name": name, "run.train_clips": len(data.rows),
+                               "run.latents_signature": data.rows[0]["signature"], "run.device": str(device)})
+            mlflow.log_text(cfg.to_yaml(), "run_config.yaml")
+            record = {"mlflow_run_id": run_id, "config_fingerprint": cfg.fingerprint(), "run_name": name,
+                      "init_from": init_from, "status": "running"}
+            run_root.write_json(RUN_FILE, record)
+    run_id = world.broadcast(run_id)
     try:
-        result = _train_stages(cfg, data, model, model_cfg, device, run_root, run_id, init_from)
+        result = _train_stages(cfg, data, model, model_cfg, run_root, run_id, init_from, world)
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        if world.is_main:
+            mlflow.end_run(status="FAILED")
         raise
-    record |= {"status": "finished", "result": result}
-    run_root.write_json(RUN_FILE, record)
-    mlflow.end_run()
+    if world.is_main:
+        run_root.write_json(RUN_FILE, record | {"status": "finished", "result": result})
+        mlflow.end_run()
     return result
 
 
-def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator, model_cfg, device: torch.device,
-                  run_root: DatasetRoot, run_id: str, init_from: str | None) -> dict:
+def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator, model_cfg, run_root: DatasetRoot,
+                  run_id: str, init_from: str | None, world: World) -> dict:
+    device, strategy = world.device, cfg.train.distributed.strategy
     plans = plan_stages(cfg, len(data.rows))
     checkpoint = latest_checkpoint(run_root.root)
     resumed = read_checkpoint_meta(checkpoint, cfg) if checkpoint else None
-    if resumed:
-        load_checkpoint_weights(checkpoint, model)
+    if resumed and world.is_main:
         mlflow.set_tag("resumed_from_step", resumed["global_step"])
     validation = ValidationBatch.load(cfg, data) if cfg.train.sample_every_epoch else None
     pipeline = None
@@ -412,13 +508,14 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator,
         if resumed and plan.stage < resumed["stage"]:
             continue
         trainable = set_training_stage(model, plan.stage)
+        trained = stage_module(model, world, strategy)
         optimizer = build_optimizer(model, trainable, cfg, plan.config, device)
         scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, plan.total_steps)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         ema = EMAModel(params, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
         step = 0
         if resumed and plan.stage == resumed["stage"]:
-            restore_state(checkpoint, optimizer, scheduler, ema)
+            resume_checkpoint(checkpoint, model, optimizer, scheduler, ema)
             step = resumed["stage_step"]
         while step < plan.total_steps:
             epoch, in_epoch = divmod(step, plan.steps_per_epoch)
@@ -428,21 +525,23 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator,
             global_step = plan.first_global_step + step + 1
             lr = scheduler.get_last_lr()[0]  # what this step uses (the scheduler then moves on)
             started = time.perf_counter()
-            loss = train_step(model, [data.batch(b, device) for b in chunk], cfg, optimizer, scheduler, ema,
+            loss = train_step(trained, [data.share(b, world, device) for b in chunk], cfg, optimizer, scheduler, ema,
                               [_derive_seed(cfg.train.seed, "noise", plan.stage, step, i) for i in range(len(chunk))],
-                              device)
+                              world, device)
             elapsed = time.perf_counter() - started
             step += 1
-            mlflow.log_metrics({"loss": loss, "lr": lr, "stage": plan.stage, "epoch": epoch,
-                                "throughput_samples_per_s": sum(map(len, chunk)) / elapsed,
-                                "product_gate_abs_mean": model.transformer.product_gate_magnitude()},
-                               step=global_step)
+            gate = model.transformer.product_gate_magnitude()  # on every rank: FSDP gathers the gates
+            if world.is_main:
+                mlflow.log_metrics({"loss": loss, "lr": lr, "stage": plan.stage, "epoch": epoch,
+                                    "throughput_samples_per_s": sum(map(len, chunk)) / elapsed,
+                                    "product_gate_abs_mean": gate}, step=global_step)
             epoch_done = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             if step % cfg.train.checkpoint_every == 0 or step == plan.total_steps:
                 meta = {"stage": plan.stage, "stage_step": step, "global_step": global_step, "mlflow_run_id": run_id,
                         "config_fingerprint": cfg.fingerprint(), "loss": loss}
-                folder = save_checkpoint(run_root, model, trainable, optimizer, scheduler, ema, meta)
-                mlflow.log_artifacts(str(folder), f"{CHECKPOINTS}/{folder.name}")
+                folder = save_training_checkpoint(run_root, world, model, trainable, optimizer, scheduler, ema, meta)
+                if world.is_main:
+                    mlflow.log_artifacts(str(folder), f"{CHECKPOINTS}/{folder.name}")
             if validation is not None and epoch_done and ((epoch + 1) % cfg.train.sample_every_epoch == 0
                                                           or step == plan.total_steps):
                 if ema is not None:
@@ -450,8 +549,10 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator,
                     ema.copy_to(params)
                 pipeline = pipeline or build_pipeline(model, model_cfg).to(device)
                 model.eval()
-                sample_and_log(pipeline, validation, cfg, f"stage{plan.stage}-epoch{epoch + 1:03d}",
-                               run_root.path("samples"), device)
+                panels = generate_samples(pipeline, validation, cfg, device)
+                if world.is_main:
+                    log_samples(panels, validation.fps, f"stage{plan.stage}-epoch{epoch + 1:03d}",
+                                run_root.path("samples"))
                 model.train()
                 if ema is not None:
                     ema.restore(params)
@@ -459,11 +560,14 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator,
             ema.copy_to(params)
     final = plans[-1]
     global_step = final.first_global_step + final.total_steps
-    model_dir = save_model_folder(
-        run_root.path(MODEL_DIR), model, cfg, adapter_only=final.stage == 1,
-        info={"stage": final.stage, "step": global_step, "dataset_root": str(data.root.root),
-              "run_id": run_id, "init_from": init_from, "ema": cfg.train.ema_decay is not None})
-    mlflow.log_artifacts(str(model_dir), MODEL_DIR)
+    model_dir = run_root.path(MODEL_DIR)
+    whole = gather_model(model, world)
+    if world.is_main:
+        save_model_folder(model_dir, whole, cfg, adapter_only=final.stage == 1,
+                          info={"stage": final.stage, "step": global_step, "dataset_root": str(data.root.root),
+                                "run_id": run_id, "init_from": init_from, "ema": cfg.train.ema_decay is not None})
+        mlflow.log_artifacts(str(model_dir), MODEL_DIR)
+    world.barrier()  # the other ranks return once the model folder exists
     return {"run_id": run_id, "model_uri": f"runs:/{run_id}/{MODEL_DIR}", "run_dir": str(run_root.root),
             "model_dir": str(model_dir), "stage": final.stage, "global_step": global_step,
             "final_loss": loss, "resumed_from_step": resumed["global_step"] if resumed else None}
