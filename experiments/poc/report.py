@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from experiments.poc import RUNS
 
-WINDOWS = ((0, 100), (100, 200), (200, 500), (500, 1000), (1000, 2000), (2000, 2600), (2600, 3200))
+WINDOWS = ((0, 100), (100, 200), (200, 500), (500, 1000), (1000, 2000), (2000, 2600), (2600, 3200))  # the table's
+# columns, as far as the longest run goes
 SMOOTHING = 50  # steps in the plot's running mean
 
 
@@ -43,10 +44,12 @@ def write_report(mlflow_db: Path, out: Path) -> str:
         {name: {"run_id": run_id, "steps": steps.astype(int).tolist(), "loss": loss.tolist()}
          for name, (run_id, steps, loss) in runs.items()}))
 
-    header = "| run | " + " | ".join(f"{a + 1}-{b}" for a, b in WINDOWS) + " |"
-    lines = [header, "|---" * (len(WINDOWS) + 1) + "|"]
+    last = max(int(steps.max()) for _, steps, _ in runs.values())
+    windows = [(a, min(b, last)) for a, b in WINDOWS if a < last]
+    header = "| run | " + " | ".join(f"{a + 1}-{b}" for a, b in windows) + " |"
+    lines = [header, "|---" * (len(windows) + 1) + "|"]
     for name, (_, steps, loss) in runs.items():
-        means = [loss[(steps > a) & (steps <= b)].mean() for a, b in WINDOWS]
+        means = [loss[(steps > a) & (steps <= b)].mean() for a, b in windows]
         lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for value in means) + " |")
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
