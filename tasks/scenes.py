@@ -54,7 +54,7 @@ class SceneConfig(BaseModel):
     adaptive_window_width: int = Field(2, ge=1)  # AdaptiveDetector: frames each side averaged
     content_threshold: float = 27.0  # ContentDetector: fixed HSV-difference threshold
     min_scene_len: int = Field(15, ge=1)  # frames (at fps) a cut must lie from the previous one
-    detect_width: int = Field(256, ge=16)
+    detect_width: int = Field(240, ge=16)  # a third of the clip width: OpenCV's fast integer-factor resize
     # Clip windows.
     min_clip_s: float = Field(3.0, gt=0)
     max_clip_s: float = Field(10.0, gt=0)

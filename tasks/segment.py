@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import Field
 
 from models.segmenters import ClassicSettings, GroundedSam2Settings, load_segmenter
+from models.segmenters.base import connected_components
 from storage.hashing import sha256_files
 from storage.images import save_png
 from storage.layout import DatasetRoot
@@ -74,7 +75,7 @@ def remove_small_components(masks: np.ndarray, min_fraction: float) -> np.ndarra
     min_area = min_fraction * masks[0].size
     out = np.zeros_like(masks)
     for i, mask in enumerate(masks):
-        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        labels, stats = connected_components(mask, connectivity=8)
         keep = stats[:, cv2.CC_STAT_AREA] >= min_area
         keep[0] = False  # label 0 is the background
         out[i] = keep[labels]
@@ -91,7 +92,7 @@ def fill_holes(masks: np.ndarray, max_fraction: float) -> np.ndarray:
     for i, mask in enumerate(masks):
         # The background's 4-connected components (as ndimage.binary_fill_holes floods): those
         # that do not touch the frame's edge are the holes. One labelling pass does both.
-        _, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+        labels, stats = connected_components(~mask, connectivity=4)
         small = stats[:, cv2.CC_STAT_AREA] <= max_fraction * mask.size
         small[0] = False  # label 0 is the mask itself
         small[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
@@ -151,9 +152,11 @@ def postprocess(masks: np.ndarray, cfg: SegmentConfig, scale: float = 1.0) -> np
 def upsample(masks: np.ndarray, height: int, width: int, dilate_px: int) -> np.ndarray:
     """Masks at the clip's size: bilinear on 0/255 and a threshold at half, then `dilate_px`."""
     if masks.shape[1:] != (height, width):
-        masks = np.stack([cv2.resize(m.astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_LINEAR) > 127
-                          for m in masks])
-    return dilate(masks, dilate_px)
+        full = np.empty((len(masks), height, width), bool)
+        for i, mask in enumerate(masks):
+            full[i] = cv2.resize(mask.view(np.uint8) * 255, (width, height), interpolation=cv2.INTER_LINEAR) > 127
+        masks = full
+    return dilate(masks, dilate_px) if dilate_px else masks
 
 
 # -- quality control ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import cv2
 import numpy as np
 
 
@@ -26,6 +27,16 @@ class SegmentationOutput:
             raise ValueError(f"masks must be a (T, H, W) bool array, got {self.masks.dtype} {self.masks.shape}")
         if self.scores is not None and self.scores.shape != (len(self.masks),):
             raise ValueError(f"scores must have shape ({len(self.masks)},), got {self.scores.shape}")
+
+
+def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, stats) of cv2.connectedComponentsWithStats for a bool (H, W) mask. Labels are
+    16-bit where a frame of this size cannot hold more components (a checkerboard has H*W/2):
+    OpenCV labels a 240 x 360 frame about 3x faster in 16 bits than in 32."""
+    ltype = cv2.CV_16U if mask.size // 2 + 1 < 2**16 else cv2.CV_32S
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity,
+                                                           ltype=ltype)
+    return labels, stats
 
 
 class Segmenter(Protocol):

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
-from models.segmenters.base import SegmentationOutput
+from models.segmenters.base import SegmentationOutput, connected_components
 
 # Robust refits of the backdrop model; each drops border pixels that do not look like backdrop.
 _FIT_ITERATIONS = 3
@@ -118,7 +118,7 @@ def _speckle_kernel(height: int) -> np.ndarray:
 
 def count_objects(mask: np.ndarray, min_fraction: float) -> int:
     """Number of connected components of at least `min_fraction` of the frame."""
-    _, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    _, stats = connected_components(mask, connectivity=8)
     return int((stats[1:, cv2.CC_STAT_AREA] >= min_fraction * mask.size).sum())
 
 
