@@ -262,3 +262,13 @@ def test_segment_clip_rejects_unreadable_clip(tmp_path):
 def test_stage_is_a_prefect_task_named_segment():
     assert segment_task.name == "segment" and segment_task.fn is segment_clip
 
+
+
+@pytest.mark.parametrize("side", [100, 400])  # 5,000 and 80,000 components: 16- and 32-bit labels
+def test_connected_components_counts_every_component_of_a_checkerboard(side):
+    from models.segmenters.base import connected_components
+
+    board = (np.add.outer(np.arange(side), np.arange(side)) % 2).astype(bool)
+    labels, stats = connected_components(board, connectivity=4)
+    assert len(stats) - 1 == side * side // 2  # label 0 is the background
+    assert labels.max() == side * side // 2 and (labels[board] > 0).all()
