@@ -18,6 +18,18 @@ from tests.issue4_eval_fixtures import (local_mlflow, logged_model, split_datase
 from tests.issue4_fixtures import tiny_data_dir, tiny_dataset  # noqa: F401, E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny ops on a shared 2-core box: two OpenMP threads spin against each other (~70x slower).
+    Modules that run torch ask for it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_test_server(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.run_config import RunConfig, load_run_config
 
@@ -58,10 +57,3 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny ops on a shared 2-core box: two OpenMP threads spin against each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -23,7 +23,7 @@ from tasks.torchrun import TorchrunError, run_torchrun
 from tasks.train import TrainData, run_training
 from tests.issue4_fixtures import TINY_CONFIG, tiny_run_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # torchrun ranks get OMP_NUM_THREADS=1
 
 # float32: 2 ranks add the partial sums of a batch in another order, and the weights of the two
 # runs differ by ~1e-8. Dividing by each rank's own weight sum instead of the global one moves
@@ -31,15 +31,6 @@ pytestmark = pytest.mark.slow
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 TWO_RANKS = ("train.distributed.nproc_per_node=2",)
 ONE_PROCESS = ("train.distributed.nproc_per_node=1", "train.distributed.strategy=ddp")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny ops on a shared 2-core box (the torchrun ranks get OMP_NUM_THREADS=1 from torchrun)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,8 @@ from models.product_encoder import ProductEncoder, encode_product_images
 from models.tiny import tiny_image_encoder, tiny_image_processor
 from models.transformer import build_dit_input, pack_mask
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny ops on a shared 2-core box: two OpenMP threads spin against each other (~70x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 

@@ -9,14 +9,7 @@ from models.config import load_model_config
 from models.pipeline import ProductVideoPipeline
 from models.tiny import materialize_tiny
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny ops on a shared 2-core box: two OpenMP threads spin against each other (~70x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

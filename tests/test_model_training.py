@@ -10,14 +10,7 @@ from models.tiny import TINY_TEXT_DIM, materialize_tiny
 from models.training_stages import set_training_stage, trainable_parameter_names
 from models.transformer import ProductVideoGenerator, pack_mask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny ops on a shared 2-core box: two OpenMP threads spin against each other (~70x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

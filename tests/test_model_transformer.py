@@ -11,14 +11,8 @@ from models.tiny import TINY_TEXT_DIM, materialize_tiny
 from models.transformer import (ADAPTER_WEIGHTS_NAME, ProductVideoGenerator, ProductWanTransformer,
                                 build_dit_input, pack_mask)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny ops on a shared 2-core box: two OpenMP threads spin against each other (~70x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 K = 8  # tiny.yaml num_product_tokens
 

@@ -14,7 +14,7 @@ from storage.hashing import sha256_file
 from storage.layout import DatasetRoot
 from tasks.precompute import LatentsError, LatentSpec, _encoders, load_clip_window, precompute_clip
 from tasks.train import TrainData, TrainingError
-from tests.issue4_fixtures import TINY_CONFIG, one_torch_thread, tiny_run_config  # noqa: F401 (fixtures)
+from tests.issue4_fixtures import TINY_CONFIG, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

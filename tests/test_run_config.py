@@ -8,7 +8,6 @@ from models.transformer import ProductVideoGenerator
 from tasks.model_store import (IncompatibleCheckpointError, load_model_folder, load_pipeline, read_model_card,
                                resolve_model_config, save_model_folder)
 from tasks.run_config import flatten, load_run_config
-from tests.issue4_fixtures import one_torch_thread  # noqa: F401
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
