@@ -215,9 +215,10 @@ def _encode(video: Path, mask_paths: list[Path], target: Path, clip: dict, cfg: 
 def _measure(encoded: Path, regions: list[np.ndarray], clip: dict, cfg: MaskConfig) -> Leakage:
     """Decode the written file and histogram |decoded - fill| inside each frame's region."""
     leakage = Leakage()
-    for i, (_, decoded) in enumerate(iter_frames(encoded)):
-        if i < len(regions) and regions[i].any():
-            leakage.add(decoded, fill_frame(*decoded.shape[:2], i, clip["clip_key"], cfg), regions[i])
+    # strict: the file must decode to the frames just written, one region each
+    for i, ((_, decoded), region) in enumerate(zip(iter_frames(encoded), regions, strict=True)):
+        if region.any():
+            leakage.add(decoded, fill_frame(*decoded.shape[:2], i, clip["clip_key"], cfg), region)
     return leakage
 
 
