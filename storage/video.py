@@ -125,8 +125,8 @@ def iter_frames(uri: str | Path, threads: int = 0, fit: tuple[int, int] | None =
     """Yield (presentation time in s, H x W x 3 uint8 RGB) for every decodable frame.
 
     fit=(height, width): frames come as fit_crop(frame, height, width) would make them, but
-    resized by swscale while it converts to RGB (a 1280 x 720 source: about 2 ms of CPU a frame,
-    against about 6 to convert at full size and area-resize with OpenCV).
+    resized by swscale while it converts to RGB, one pass instead of a full-size conversion and
+    an OpenCV resize.
     A truncated or corrupt tail ends the iteration with VideoError after the good frames.
     """
     with open_container(uri) as container:
@@ -246,8 +246,7 @@ def write_video(target: str | Path | io.BytesIO, frames: Iterable[np.ndarray], f
 
 def read_video(uri: str | Path, work_height: int | None = None) -> np.ndarray:
     """All frames of a (short) clip as T x H x W x 3 uint8; with work_height, each downscaled to
-    `work_size` (OpenCV's area resize by an integer factor costs 0.1 ms for 480 x 720 -> 240 x 360,
-    swscale's 0.4)."""
+    `work_size` by OpenCV (its area resize by an integer factor is cheaper than swscale's)."""
     frames = []
     for _, img in iter_frames(uri):
         size = work_size(*img.shape[:2], work_height)

@@ -85,7 +85,7 @@ class Leakage:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
 
     def add(self, decoded: np.ndarray, fill: np.ndarray, region: np.ndarray) -> None:
-        diff = cv2.absdiff(decoded, fill)[region]  # (pixels, 3); ndarray.max(axis=1) is 10x slower
+        diff = cv2.absdiff(decoded, fill)[region]  # (pixels, 3); ndarray.max(axis=1) is much slower
         self.counts += np.bincount(np.maximum(np.maximum(diff[:, 0], diff[:, 1]), diff[:, 2]), minlength=256)
 
     @property
