@@ -123,14 +123,16 @@ def pick_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def open_model(model: str, device: str, data_dir: str | Path = "data") -> tuple[ProductVideoPipeline, RunConfig]:
+def open_model(model: str, device: str, data_dir: str | Path = "data",
+               plain: bool = False) -> tuple[ProductVideoPipeline, RunConfig]:
     """(pipeline on `device`, the run config it was trained with) of a registry URI, runs:/ URI
-    or local model folder. URIs are looked up in MLflow (MLFLOW_TRACKING_URI, else the local
+    or local model folder; `plain` swaps the config's sampler speed settings for diffusers' plain
+    path (SamplerConfig.plain). URIs are looked up in MLflow (MLFLOW_TRACKING_URI, else the local
     store under data_dir)."""
     uri = tracking.tracking_uri(data_dir)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return load_pipeline(model, device=pick_device(device))
+    return load_pipeline(model, device=pick_device(device), plain=plain)
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
@@ -161,7 +163,7 @@ def generate_video(pipe: ProductVideoPipeline, sampler: SamplerConfig, inputs: G
                  product_guidance_scale=(sampler.product_guidance_scale if product_guidance is None
                                          else product_guidance),
                  generator=torch.Generator(device=device).manual_seed(seed), feather_px=sampler.feather_px,
-                 output_type="np", callback=callback)[0]
+                 output_type="np", callback=callback, attention_backend=sampler.attention)[0]
     with DatasetRoot.create(output.parent).atomic_file(output.name) as tmp:
         write_video(tmp, video, fps=inputs.fps)
     return output
@@ -171,7 +173,7 @@ def run_generate(masks: str, images: list[str], output: str, masked_video: str |
                  video: str | None = None, caption: str = "", model: str = tracking.DEFAULT_MODEL_URI,
                  checkpoint: str | None = None, steps: int | None = None, text_guidance: float | None = None,
                  product_guidance: float | None = None, seed: int = 0, trim: bool = False,
-                 overwrite: bool = False, device: str = "auto", data_dir: str = "data",
+                 overwrite: bool = False, device: str = "auto", data_dir: str = "data", plain: bool = False,
                  callback: Callable[[int, int], None] | None = None,
                  log: Callable[[str], None] = print) -> Path:
     """Check the output and inputs first (cheap), then load the model and generate."""
@@ -180,7 +182,7 @@ def run_generate(masks: str, images: list[str], output: str, masked_video: str |
     source = checkpoint or model
     log(f"{len(inputs.masks)} frames {inputs.masks.shape[2]}x{inputs.masks.shape[1]}, "
         f"{len(inputs.photos)} product images; loading {source}")
-    pipe, run_config = open_model(source, device, data_dir)
+    pipe, run_config = open_model(source, device, data_dir, plain)
     return generate_video(pipe, run_config.model.sampler, inputs, output, caption, steps, text_guidance,
                           product_guidance, seed, overwrite, callback)
 
@@ -190,8 +192,9 @@ def generate(masks: str, images: list[str], output: str, masked_video: str | Non
              video: str | None = None, caption: str = "", model: str = tracking.DEFAULT_MODEL_URI,
              checkpoint: str | None = None, steps: int | None = None, text_guidance: float | None = None,
              product_guidance: float | None = None, seed: int = 0, trim: bool = False,
-             overwrite: bool = False, device: str = "auto", data_dir: str = "data") -> str:
-    """Generate one product video (see the module doc); progress shows as a Prefect artifact."""
+             overwrite: bool = False, device: str = "auto", data_dir: str = "data", plain: bool = False) -> str:
+    """Generate one product video (see the module doc); progress shows as a Prefect artifact.
+    plain: diffusers' plain path instead of the model config's speed settings (docs/performance.md)."""
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key="generate-progress", description="sampler steps done")
 
@@ -199,7 +202,7 @@ def generate(masks: str, images: list[str], output: str, masked_video: str | Non
         update_progress_artifact(progress, 100.0 * step / total)
 
     written = run_generate(masks, images, output, masked_video, video, caption, model, checkpoint, steps,
-                           text_guidance, product_guidance, seed, trim, overwrite, device, data_dir,
+                           text_guidance, product_guidance, seed, trim, overwrite, device, data_dir, plain,
                            callback=step_done, log=logger.info)
     create_markdown_artifact(f"Generated `{written.resolve()}` from `{checkpoint or model}` "
                              f"(seed {seed}, caption {caption!r}).", key="generate-output")
@@ -226,6 +229,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--trim", action="store_true", help="use the first 4k+1 frames")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--data-dir", default="data", help="where the local MLflow store lives")
+    parser.add_argument("--plain", action="store_true",
+                        help="diffusers' plain path: no compilation, no step cache, PyTorch's attention order")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> Path:
             written = run_generate(args.masks, args.images, args.output, args.masked_video, args.video, args.caption,
                                    args.model, args.checkpoint, args.steps, args.text_guidance,
                                    args.product_guidance, args.seed, args.trim, args.overwrite, args.device,
-                                   args.data_dir, callback=step_done, log=tqdm.write)
+                                   args.data_dir, args.plain, callback=step_done, log=tqdm.write)
         except (GenerateInputError, FileExistsError, tracking.ModelNotFoundError, IncompatibleCheckpointError) as error:
             parser.exit(2, f"error: {error}\n")
     print(f"wrote {written.resolve()}")

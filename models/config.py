@@ -53,6 +53,18 @@ class SamplerConfig(BaseModel):
     feather_px: int = Field(0, ge=0)
     # None: zero text embeddings, the null that training's text dropout uses; a string is encoded.
     negative_prompt: str | None = None
+    # Speed (models/speed.py, docs/performance.md). The plain diffusers path is
+    # attention: default, compile: false, step_cache_threshold: null.
+    attention: Literal["cudnn", "default"] = "cudnn"  # cuDNN's fused attention first (CUDA)
+    compile: bool = True  # torch.compile the Wan blocks (CUDA only)
+    # diffusers' First Block Cache: skip the other blocks while the first block's output has
+    # changed by less than this (relative) since the last full step; null = every step exact.
+    # Off by default: its quality cost on a trained model is not measured yet (docs/performance.md).
+    step_cache_threshold: float | None = Field(None, gt=0)
+
+    def plain(self) -> "SamplerConfig":
+        """These settings on diffusers' plain path: every step exact, eager, PyTorch's attention order."""
+        return self.model_copy(update={"attention": "default", "compile": False, "step_cache_threshold": None})
 
 
 class ModelConfig(BaseModel):

@@ -25,6 +25,7 @@ from diffusers import (AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscre
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
+from models import speed
 from models.product_encoder import ProductEncoder, encode_product_images
 from models.transformer import (LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, ProductVideoGenerator,
                                 ProductWanTransformer, build_dit_input, pack_mask)
@@ -161,11 +162,21 @@ class ProductVideoPipeline(DiffusionPipeline):
                  negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
                  text_guidance_scale: float = 5.0, product_guidance_scale: float = 3.0,
                  generator: torch.Generator | None = None, feather_px: int = 0, output_type: str = "pt",
-                 callback: Callable[[int, int], None] | None = None):
+                 callback: Callable[[int, int], None] | None = None, attention_backend: str = "cudnn"):
         """masked_video (B, 3, T, H, W) in [0, 1], T = 4k+1; mask (B, 1, T, H, W), 1 = put the
         product here; product_images: per sample a list of 1-5 PIL images / uint8 arrays.
         Returns (B, 3, T, H, W) float in [0, 1] ("pt"), (B, T, H, W, 3) uint8 ("np"), or the
-        normalised latents ("latent"). callback(step, total) is called after each step."""
+        normalised latents ("latent"). callback(step, total) is called after each step.
+        attention_backend: "cudnn" (cuDNN's fused attention first on CUDA) or "default"
+        (PyTorch's order), see models/speed.py; compilation and the step cache are set on the
+        transformer (models.speed.apply_generation_speed)."""
+        with speed.attention(attention_backend, self._execution_device):
+            return self._generate(masked_video, mask, product_images, prompt, negative_prompt, num_inference_steps,
+                                  text_guidance_scale, product_guidance_scale, generator, feather_px, output_type,
+                                  callback)
+
+    def _generate(self, masked_video, mask, product_images, prompt, negative_prompt, num_inference_steps,
+                  text_guidance_scale, product_guidance_scale, generator, feather_px, output_type, callback):
         prompts = [prompt] * masked_video.shape[0] if isinstance(prompt, str) else list(prompt)
         self._check_inputs(masked_video, mask, product_images, prompts)
         device, dtype = self._execution_device, self.transformer.dtype
@@ -200,17 +211,20 @@ class ProductVideoPipeline(DiffusionPipeline):
                                device=device, dtype=torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        self.transformer.reset_step_cache()  # a step cache compares with the previous step of this call only
         for step, t in enumerate(timesteps):
             dit_input = build_dit_input(latents, masked_latents, packed_mask).to(dtype)
             dit_input = dit_input.repeat(len(branches), 1, 1, 1, 1)
-            velocity = self.transformer(dit_input, t.expand(dit_input.shape[0]), branch_text, branch_product,
-                                        return_dict=False)[0].float()
+            with self.transformer.wan.cache_context("guided"):  # all branches are one batch, one cache
+                velocity = self.transformer(dit_input, t.expand(dit_input.shape[0]), branch_text, branch_product,
+                                            return_dict=False)[0].float()
             parts = list(velocity.chunk(len(branches))) + [None] * (3 - len(branches))
             guided = combine_guidance(*parts, text_scale=text_guidance_scale, product_scale=product_guidance_scale)
             latents = self.scheduler.step(guided, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(step + 1, len(timesteps))
 
+        self.transformer.reset_step_cache()
         if output_type == "latent":
             return latents
         video = composite(decode_latents(self.vae, latents), masked_video.to(device, torch.float32), mask, feather_px)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin, WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.hooks import HookRegistry
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from safetensors.torch import load_file, save_file
@@ -192,6 +193,11 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
         is closed (as at initialisation), growing as training lets the photos in."""
         gates = [self.wan.blocks[i].attn2.processor.gate for i in self.injected_layers]
         return float(torch.cat([g.detach().abs().flatten().float() for g in gates]).mean()) if gates else 0.0
+
+    def reset_step_cache(self) -> None:
+        """Forget what a step cache (diffusers' First Block Cache on the Wan blocks, see
+        models/speed.py) remembers of earlier steps; nothing to do without one."""
+        HookRegistry.check_if_exists_or_initialize(self.wan).reset_stateful_hooks()
 
     def adapter_parameter_names(self) -> list[str]:
         """Names of the weights the base checkpoint does not have (what a stage-1 adapter holds)."""

@@ -27,6 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models import metrics as m
+from models.config import SamplerConfig
 from models.pipeline import ProductVideoPipeline
 from storage.hashing import sha256_json
 from storage.layout import DatasetRoot
@@ -106,8 +107,7 @@ def training_data_hashes(dataset_root: str | Path, split: str = "train") -> dict
             for item in sorted(clip_items(root), key=lambda item: item["clip_key"]) if item["split"] == split}
 
 
-def generate_clip(pipe: ProductVideoPipeline, clip: ClipInputs, settings: EvaluateConfig,
-                  negative_prompt: str | None = None, feather_px: int = 0,
+def generate_clip(pipe: ProductVideoPipeline, clip: ClipInputs, settings: EvaluateConfig, sampler: SamplerConfig,
                   callback: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Generate the product into the blanked clip; (T, H, W, 3) float in [0, 1]."""
     device = pipe._execution_device
@@ -115,11 +115,12 @@ def generate_clip(pipe: ProductVideoPipeline, clip: ClipInputs, settings: Evalua
     video = torch.from_numpy(clip.video).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W)
     blanked = video * (1 - mask)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    output = pipe(blanked, mask, [clip.photos], clip.caption, negative_prompt=negative_prompt,
+    output = pipe(blanked, mask, [clip.photos], clip.caption, negative_prompt=sampler.negative_prompt,
                   num_inference_steps=settings.num_inference_steps,
                   text_guidance_scale=settings.text_guidance_scale,
-                  product_guidance_scale=settings.product_guidance_scale,
-                  generator=generator, feather_px=feather_px, output_type="pt", callback=callback)
+                  product_guidance_scale=settings.product_guidance_scale, generator=generator,
+                  feather_px=sampler.feather_px, output_type="pt", callback=callback,
+                  attention_backend=sampler.attention)
     return output[0].permute(1, 2, 3, 0).float().cpu().numpy()
 
 
@@ -160,7 +161,7 @@ def evaluate_split(pipe: ProductVideoPipeline, run_config: RunConfig, dataset_ro
             skipped.append({"clip_key": row["clip_key"], "reason": str(error)})
             log(f"{split} {index}/{len(selected)} skipped: {error}")
             continue
-        generated = generate_clip(pipe, clip, settings, sampler.negative_prompt, sampler.feather_px)
+        generated = generate_clip(pipe, clip, settings, sampler)
         metrics = m.evaluate_clip(generated, clip.video, clip.masks, clip.photos, settings.networks)
         rows.append({key: row[key] for key in IDENTITY_COLUMNS} | metrics)
         with out.atomic_file(f"videos/{row['clip_key']}.mp4") as tmp:

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT
 from models.config import TINY, ModelConfig
 from models.pipeline import ProductVideoPipeline, make_scheduler
 from models.product_encoder import ProductEncoder
+from models.speed import apply_generation_speed
 from models.tiny import save_tiny_components
 from models.transformer import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ProductVideoGenerator,
                                 ProductWanTransformer)
@@ -167,12 +168,20 @@ def _check_generator_matches(transformer: ProductWanTransformer, product_encoder
 
 
 def load_pipeline(folder_or_uri: str | Path, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None, data_dir: str | Path | None = None):
+                  dtype: torch.dtype | None = None, data_dir: str | Path | None = None, plain: bool = False):
     """(ProductVideoPipeline on `device`, RunConfig): the generator of the model folder with the
-    frozen components (VAE in float32, UMT5, CLIP, scheduler) of its run config's base model."""
+    frozen components (VAE in float32, UMT5, CLIP, scheduler) of its run config's base model,
+    compiled and step-cached as the config's model.sampler says. With `plain` the returned
+    config's sampler is SamplerConfig.plain(): diffusers' plain path."""
     generator, run_config = load_model_folder(folder_or_uri, torch_dtype=dtype, data_dir=data_dir)
+    if plain:
+        model = run_config.model.model_copy(update={"sampler": run_config.model.sampler.plain()})
+        run_config = run_config.model_copy(update={"model": model})
     cfg = resolve_model_config(run_config.model, data_dir or run_config.mlflow.data_dir)
-    return build_pipeline(generator, cfg, dtype).to(device), run_config
+    pipe = build_pipeline(generator, cfg, dtype).to(device)
+    sampler = run_config.model.sampler
+    apply_generation_speed(pipe.transformer, sampler.compile, sampler.step_cache_threshold, device)
+    return pipe, run_config
 
 
 def build_pipeline(generator: ProductVideoGenerator, cfg: ModelConfig,

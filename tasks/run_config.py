@@ -25,6 +25,11 @@ from tasks.report import ReportThresholds
 PIXEL_MULTIPLE = SPATIAL_FACTOR * 2
 
 
+# Keys that change how fast a run trains or samples, not what it trains.
+SPEED_ONLY_KEYS = {"train": {"distributed", "gradient_checkpointing", "attention", "compile"},
+                   "model": {"sampler": {"attention", "compile", "step_cache_threshold"}}}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -114,7 +119,12 @@ class TrainConfig(_Section):
     # Each stage has its own optimizer and schedule: linear warm-up, then cosine to 0.
     warmup_steps: int = Field(1000, ge=0)
     bf16: bool = True  # autocast to bfloat16 on CUDA (weights and optimizer stay float32); CPU runs float32
-    gradient_checkpointing: bool = True
+    # Speed (models/speed.py, docs/performance.md); none of these changes what is trained. The plain
+    # diffusers path is gradient_checkpointing: full, attention: default, compile: false.
+    # selective: keep attention outputs, recompute the rest; full: recompute whole Wan blocks.
+    gradient_checkpointing: Literal["selective", "full", "none"] = "selective"
+    attention: Literal["cudnn", "default"] = "cudnn"  # cuDNN's fused attention first (CUDA)
+    compile: bool = True  # torch.compile the (checkpointed) Wan blocks (CUDA only)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # None = no EMA; the saved model is the EMA when set
     checkpoint_every: int = Field(500, ge=1)  # optimizer steps
     sample_every_epoch: int = Field(1, ge=0)  # sample video + contact sheet every N epochs, 0 = never
@@ -127,6 +137,12 @@ class TrainConfig(_Section):
     # same run started again resumes, and a changed config starts a new run.
     run_name: str | None = None
     distributed: DistributedConfig = DistributedConfig()
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _boolean_means_diffusers(cls, value):
+        # Configs written before the choice existed say true (diffusers' full checkpointing) or false.
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _every_rank_gets_clips(self) -> "TrainConfig":
@@ -183,9 +199,10 @@ class RunConfig(_Section):
 
     def fingerprint(self) -> str:
         """Content hash of the resolved config (names a run, checks a checkpoint belongs to it).
-        train.distributed is left out: the batch is global, so how many GPUs share the work does
-        not change what is trained, and a run can resume on another number of GPUs."""
-        return sha256_json(self.model_dump(mode="json", exclude={"train": {"distributed"}}))
+        Left out, as they do not change what is trained: train.distributed (the batch is global, so a
+        run can resume on another number of GPUs) and the speed settings (a run can resume on the
+        plain path)."""
+        return sha256_json(self.model_dump(mode="json", exclude=SPEED_ONLY_KEYS))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

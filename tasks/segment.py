@@ -287,4 +287,5 @@ def segment_clip(clip: dict, prompt: str, root: str, cfg: SegmentConfig) -> Stag
     return {"rows": [row], "rejects": []}
 
 
-segment_task = stage_task(STAGE, "2")(segment_clip)
+# Version 3: grounded-sam2 feeds SAM2 frames from memory (no JPEG round trip), which moves masks slightly.
+segment_task = stage_task(STAGE, "3")(segment_clip)

@@ -3,7 +3,7 @@
 Reads only precomputed latents (tasks/precompute.py). Per stage: AdamW on the stage's trainable
 weights (fused on CUDA), linear warm-up then cosine decay (diffusers' schedule), bf16 autocast on
 CUDA (float32 on CPU: CPU bf16 autocast is slow and the tests compare numbers), gradient
-accumulation, gradient checkpointing on the Wan blocks, optional EMA (diffusers' EMAModel; at the
+accumulation, activation checkpointing and compilation of the Wan blocks (models/speed.py), optional EMA (diffusers' EMAModel; at the
 end of a stage its weights replace the raw ones, so stage 2 starts from stage 1's EMA).
 
 Steps are optimizer steps, counted globally across stages (stage 2 continues stage 1's count).
@@ -42,6 +42,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
+from models import speed
 from models.objective import draw_noise, weighted_error
 from models.training_stages import set_training_stage
 from models.transformer import ProductVideoGenerator
@@ -199,22 +200,9 @@ def train_step(model: torch.nn.Module, shares: list[RankShare], cfg: RunConfig, 
     weight sum over all ranks: the ranks' parts add up to the loss one process computes.
     """
     optimizer.zero_grad(set_to_none=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16 and device.type == "cuda")
-    objective = cfg.model.objective
-    losses = []
-    for share, seed in zip(shares, seeds):
-        generator = torch.Generator(device=device).manual_seed(seed)
-        shape = (share.global_size, *share.batch["latents"].shape[1:])
-        draw = draw_noise(shape, objective, generator, device).rows(share.rows)
-        with autocast:
-            error, weight = weighted_error(model, share.batch, draw, objective)
-        part = error * share.weight / world.sum(weight * share.weight)
-        loss = world.sum(part)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss is {loss.item()}: training diverged; lower the learning rate "
-                                "(the last checkpoint is kept, resume after fixing the config)")
-        (part * world.size / len(shares)).backward()  # DDP and FSDP average gradients over the ranks
-        losses.append(loss.item())
+    with speed.attention(cfg.train.attention, device):  # the backward pass too: it may recompute attention
+        losses = [accumulate_gradients(model, share, seed, len(shares), cfg, world, device)
+                  for share, seed in zip(shares, seeds)]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if cfg.train.optimizer.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, cfg.train.optimizer.max_grad_norm)
@@ -223,6 +211,25 @@ def train_step(model: torch.nn.Module, shares: list[RankShare], cfg: RunConfig, 
     if ema is not None:
         ema.step(params)
     return float(np.mean(losses))
+
+
+def accumulate_gradients(model: torch.nn.Module, share: RankShare, seed: int, micro_batches: int, cfg: RunConfig,
+                         world: World, device: torch.device) -> float:
+    """Forward and backward of one micro-batch (this rank's rows); returns its loss over all ranks."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16 and device.type == "cuda")
+    objective = cfg.model.objective
+    generator = torch.Generator(device=device).manual_seed(seed)
+    shape = (share.global_size, *share.batch["latents"].shape[1:])
+    draw = draw_noise(shape, objective, generator, device).rows(share.rows)
+    with autocast:
+        error, weight = weighted_error(model, share.batch, draw, objective)
+    part = error * share.weight / world.sum(weight * share.weight)
+    loss = world.sum(part)
+    if not torch.isfinite(loss):
+        raise TrainingError(f"loss is {loss.item()}: training diverged; lower the learning rate "
+                            "(the last checkpoint is kept, resume after fixing the config)")
+    (part * world.size / micro_batches).backward()  # DDP and FSDP average gradients over the ranks
+    return loss.item()
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -382,7 +389,8 @@ def generate_samples(pipeline, batch: ValidationBatch, cfg: RunConfig, device: t
         generated = pipeline(batch.masked_video, batch.mask, batch.photos, batch.captions,
                              num_inference_steps=steps, text_guidance_scale=cfg.model.sampler.text_guidance_scale,
                              product_guidance_scale=cfg.model.sampler.product_guidance_scale,
-                             generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
+                             generator=torch.Generator(device=device).manual_seed(cfg.train.seed),
+                             attention_backend=cfg.model.sampler.attention)
     return sample_panels(batch, generated.float().cpu())
 
 
@@ -460,8 +468,7 @@ def _run_training(cfg: RunConfig, resume: bool, init_from: str | None, world: Wo
         torch.manual_seed(cfg.train.seed)  # the fresh product layers' initial weights (the same on every rank)
         model = ProductVideoGenerator.from_model_config(model_cfg)
     model.to(device).train()
-    if cfg.train.gradient_checkpointing:
-        model.transformer.wan.enable_gradient_checkpointing()
+    speed.apply_training_speed(model.transformer, cfg.train.gradient_checkpointing, cfg.train.compile, device)
     prepare_model(model, world, cfg.train.distributed.strategy)
 
     run_id = None

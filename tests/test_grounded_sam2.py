@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from models.segmenters import GroundedSam2Segmenter, load_segmenter
+from models.segmenters import grounded_sam2
 from models.segmenters.grounded_sam2 import detector_prompt, distinct_boxes
 from storage.layout import DatasetRoot
 from storage.video import write_video
@@ -144,3 +145,63 @@ def test_distinct_boxes_drops_duplicates_and_parts():
 
 def test_detector_prompt_is_a_lower_case_phrase():
     assert detector_prompt("  A Red Mug. ") == "a red mug."
+
+
+def clips_of_several_sizes() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 255, shape, dtype=np.uint8) for shape in
+            [(6, 48, 72, 3), (5, 48, 72, 3), (4, 40, 64, 3), (3, 48, 72, 3)]]
+
+
+def test_batched_path_equals_one_clip_at_a_time(weights, monkeypatch):
+    # Small batches, so that detector and encoder calls mix clips and end mid-clip.
+    monkeypatch.setattr(grounded_sam2, "DETECTOR_BATCH", 2)
+    monkeypatch.setattr(grounded_sam2, "ENCODER_BATCH", 4)
+    segmenter = load_segmenter(SegmentConfig(**weights))
+    clips = clips_of_several_sizes()
+    prompts = ["red mug", "A red mug.", "red mug", "shoe"]
+    batched = segmenter.segment_many(clips, prompts)
+    assert len(batched) == len(clips)
+    for clip, prompt, together in zip(clips, prompts, batched):
+        alone = segmenter.segment(clip, prompt)
+        assert together.num_objects == alone.num_objects >= 1  # SAM2 ran on every clip
+        np.testing.assert_array_equal(together.masks, alone.masks)
+        np.testing.assert_allclose(together.scores, alone.scores, rtol=1e-6, atol=1e-7)
+
+
+def test_every_frame_is_encoded_once_and_tracking_reuses_it(weights, monkeypatch):
+    monkeypatch.setattr(grounded_sam2, "ENCODER_BATCH", 4)
+    segmenter = load_segmenter(SegmentConfig(**weights))
+    predictor = segmenter._models.predictor
+    batch_sizes = []
+    encode = predictor.forward_image
+    monkeypatch.setattr(predictor, "forward_image", lambda images: batch_sizes.append(len(images)) or encode(images))
+    clips = clips_of_several_sizes()
+    segmenter.segment_many(clips, ["red mug"] * len(clips))
+    assert batch_sizes == [4, 4, 4, 4, 2]  # 18 frames, 4 a call across clips, none again while tracking
+
+
+def test_several_objects_are_tracked_in_one_state(weights):
+    segmenter = load_segmenter(SegmentConfig(**weights, duplicate_box_overlap=1.0))
+    clip = clips_of_several_sizes()[0]
+    one, = segmenter.segment_many([clip], ["red mug"])
+    several, = segmenter.segment_many([clip], ["red mug"], max_objects=3)
+    assert several.num_objects == one.num_objects >= 3
+    assert (several.masks >= one.masks).all()  # the best product's mask, merged with the others'
+
+
+def test_state_from_memory_has_what_init_state_builds(weights, tmp_path):
+    from PIL import Image
+
+    segmenter = load_segmenter(SegmentConfig(**weights))
+    predictor = segmenter._models.predictor
+    frames = random_frames(2)
+    for i, rgb in enumerate(frames):
+        Image.fromarray(rgb).save(tmp_path / f"{i:05d}.jpg")
+    from_files = predictor.init_state(str(tmp_path))
+    encoded, = segmenter._encode([frames])
+    from_memory = grounded_sam2.video_state(predictor, encoded.images, encoded.cached_features, 48, 72)
+    assert from_memory.keys() == from_files.keys()
+    for key in ("num_frames", "video_height", "video_width", "device", "storage_device"):
+        assert from_memory[key] == from_files[key]
+    assert from_memory["images"].shape == from_files["images"].shape

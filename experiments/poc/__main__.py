@@ -2,6 +2,7 @@
 
     python -m experiments.poc dataset --products 150     # here (CPU): studio -> build-dataset
     python -m experiments.poc gpu --deadline-s 540       # GPU: base, train A and B, evaluate both
+    python -m experiments.poc step-cache                 # GPU: fast generation's quality cost on A
 
 `gpu` does the next steps not yet done, each through the project's own flows in a subprocess,
 and stops before the deadline (the GPU machine allows 10 minutes a command; run it again on the
@@ -133,6 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     report = commands.add_parser("report", help="loss curves, table and plot from a run's MLflow database")
     report.add_argument("--mlflow-db", required=True)
     report.add_argument("--out", required=True)
+    cache = commands.add_parser("step-cache", help="quality cost of the fast generation path on a trained "
+                                                   "model (GPU; experiments/poc/step_cache.py)")
+    cache.add_argument("--model", help="model URI or folder (default: run A's model, from data/poc/state.json "
+                                       "or data/poc/train_A.json)")
+    cache.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    cache.add_argument("--steps", type=int, default=50)
+    cache.add_argument("--max-clips", type=int)
+    cache.add_argument("--out", default=os.environ.get("OUT", "data/poc/out"))
     run = commands.add_parser("gpu", help="the next steps of the experiment, until the deadline")
     run.add_argument("--deadline-s", type=float, default=540)
     run.add_argument("--vae-steps", type=int, default=1500)
@@ -154,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
         info = build_base(DATA / "base", DATA / "dataset", d.frames, d.frame_stride, d.height, d.width,
                           vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_lr=3e-4, device=resolve_device("auto").type)
         (DATA / "base.json").write_text(json.dumps(info, indent=2) + "\n")
+    elif args.command == "step-cache":
+        from experiments.poc.step_cache import measure_step_cache
+        model = args.model or json.loads((DATA / "train_A.json").read_text())["model_uri"]
+        measure_step_cache(model, args.thresholds, Path(args.out), steps=args.steps, max_clips=args.max_clips)
     elif args.command == "report":
         from experiments.poc.report import write_report
         print(write_report(Path(args.mlflow_db), Path(args.out)))

@@ -1,0 +1,449 @@
+"""GPU speed: plain diffusers Wan2.1-1.3B against this project's fast paths, side by side in one run.
+
+Random weights at the real shapes (they change no timing or memory figure): Wan2.1-T2V-1.3B
+(30 blocks, 12 x 128 heads, ffn 8960, text_dim 4096), plain with in_channels 36 as in the
+baseline (shared/reference/h100_baseline_diffusers.py, whose timing method this keeps), ours with
+the poc-1.3b adapter (64 product tokens, product attention 4 x 128 in every block, gates open),
+UMT5-XXL, CLIP ViT-H/14 and the Wan VAE. Default clip 49 x 480 x 720 (17,550 tokens), bf16.
+
+Sections (each prints JSON lines; a table comes last and $OUT/bench_gpu.json holds every row):
+- check: the two sides compute the same function. Plain diffusers vs ours with the gates closed
+  (forward), and ours on the fast path vs ours on the plain path: loss and gradients of one
+  stage-2 step on the same batch, generated latents of the same call.
+- train: one stage-2 step (fp32 master weights, bf16 autocast, fused AdamW) per lever, added one
+  at a time: plain diffusers (full checkpointing, the baseline) | ours on the plain path | + cuDNN
+  attention | + selective checkpointing | + torch.compile (the default); batch 1 and 2.
+- data: what a step costs on top when the two videos of a sample are VAE-encoded online (the
+  plain diffusers recipe) vs read back precomputed (this project's train flow).
+- generation: 50 steps with guidance, VAE decode and composite included. Plain diffusers loop
+  (text CFG, 2 branches in one batch) | ours plain (3 branches) | + cuDNN and compile | + step
+  cache at each --cache-thresholds (full steps counted: random weights do not show how often a
+  trained model's steps are skipped; experiments/poc measures that and the quality cost).
+- segmentation: benchmarks/gpu_segmentation.py (Grounding DINO base + SAM2.1 hiera-large).
+
+GPU machine, from the repo root (diffusers and pydantic wheels installed):
+    OUT=/tmp/out python3 -m benchmarks.bench_gpu
+CPU smoke run of the same code on tiny components (tests run it):
+    python -m benchmarks.bench_gpu --tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.hooks import FirstBlockCacheConfig
+from safetensors.torch import load_file, save_file
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+from models import speed, tiny
+from models.config import ObjectiveConfig
+from models.objective import flow_matching_loss
+from models.pipeline import ProductVideoPipeline, decode_latents, encode_video, make_scheduler
+from models.product_encoder import ProductEncoder
+from models.training_stages import set_training_stage
+from models.transformer import ProductVideoGenerator, ProductWanTransformer, pack_mask
+
+WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+               out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
+CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                  image_size=224, patch_size=14, hidden_act="gelu")
+POC_ADAPTER = dict(num_product_tokens=64, product_hidden_dim=1024, product_num_heads=16, product_attention_heads=4)
+TINY_ADAPTER = dict(num_product_tokens=8, product_hidden_dim=32, product_num_heads=4, product_attention_heads=1)
+
+# (label, checkpointing, attention, compile): the training levers, one added per row.
+TRAIN_PATHS = [("ours plain", "full", "default", False), ("+ cudnn attention", "full", "cudnn", False),
+               ("+ selective checkpointing", "selective", "cudnn", False),
+               ("+ compile (default)", "selective", "cudnn", True)]
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
+
+
+class Bench:
+    """Shapes, components and the timing/memory helpers of one run (real or tiny)."""
+
+    def __init__(self, use_tiny: bool, frames: int, height: int, width: int, steps: int):
+        self.tiny = use_tiny
+        self.device = "cpu" if use_tiny else "cuda"
+        self.cuda = self.device == "cuda"
+        self.frames, self.height, self.width, self.steps = frames, height, width, steps
+        self.latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
+        self.tokens = self.latent[0] * (self.latent[1] // 2) * (self.latent[2] // 2)
+        self.text_len = 16 if use_tiny else 512
+        self.num_images = 5
+        self.results = []
+
+    def log(self, name, **fields):
+        fields = {"name": name, **fields}
+        self.results.append(fields)
+        print(json.dumps(fields), flush=True)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def timed(self, fn, warm=2, reps=5):
+        """Median seconds over reps after warm calls (CUDA events on the GPU)."""
+        for _ in range(warm):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(); fn(); end.record(); torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    def once(self, fn):
+        """(result, seconds) of one synchronised call."""
+        self.sync()
+        start = time.perf_counter()
+        result = fn()
+        self.sync()
+        return result, time.perf_counter() - start
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def fresh_memory(self):
+        torch._dynamo.reset()  # every case compiles its own blocks
+        self.reset_peak()
+
+    def gib(self):
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None
+
+    def model_tflops(self, seconds: float, passes: int, batch: int = 1) -> float | None:
+        """Model FLOPs per second as the baseline counts them (no recompute, no product attention)."""
+        if self.tiny:
+            return None
+        s, d, f, layers, text = self.tokens, 1536, 8960, 30, self.text_len
+        per_block = 12 * s * d * d + 4 * s * s * d + 4 * s * d * f + 4 * s * text * d + 4 * text * d * d
+        return round(passes * batch * per_block * layers / seconds / 1e12, 1)
+
+    # ---- components (random weights, built on the device) ----
+    def wan_config(self):
+        config = tiny.tiny_transformer().config if self.tiny else WAN_13B
+        return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+    def plain_dit(self):
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            return WanTransformer3DModel(**{**self.wan_config(), "in_channels": 36})
+
+    def generator(self, open_gates=True):
+        adapter = TINY_ADAPTER if self.tiny else POC_ADAPTER
+        image_dim = 32 if self.tiny else CLIP_VIT_H["hidden_size"]
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            transformer = ProductWanTransformer(wan_config=self.wan_config(),
+                                                num_product_tokens=adapter["num_product_tokens"],
+                                                product_attention_heads=adapter["product_attention_heads"])
+            encoder = ProductEncoder(image_dim=image_dim, hidden_dim=adapter["product_hidden_dim"],
+                                     num_tokens=adapter["num_product_tokens"], num_heads=adapter["product_num_heads"],
+                                     output_dim=transformer.inner_dim)
+        if open_gates:  # the trained state: every product path live
+            with torch.no_grad():
+                for block in transformer.wan.blocks:
+                    block.attn2.processor.gate.fill_(0.1)
+        return ProductVideoGenerator(transformer, encoder)
+
+    def pipeline(self, generator: ProductVideoGenerator) -> ProductVideoPipeline:
+        with torch.device(self.device):
+            text_encoder = tiny.tiny_text_encoder() if self.tiny else UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+            image_encoder = tiny.tiny_image_encoder() if self.tiny else CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H))
+            vae = tiny.tiny_vae() if self.tiny else AutoencoderKLWan()  # float32, as the pipeline runs it
+        size = image_encoder.config.image_size
+        return ProductVideoPipeline(
+            vae=vae.eval(), text_encoder=text_encoder.to(torch.bfloat16).eval(), tokenizer=tiny.tiny_tokenizer(),
+            image_encoder=image_encoder.to(torch.bfloat16).eval(),
+            image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+            product_encoder=generator.product_encoder.to(torch.bfloat16).eval(),
+            transformer=generator.transformer.to(torch.bfloat16).eval(), scheduler=make_scheduler("unipc", 3.0),
+            text_max_length=self.text_len, max_product_images=self.num_images)
+
+    # ---- inputs ----
+    def latents(self, batch=1, channels=16, dtype=torch.float32, seed=1):
+        generator = torch.Generator(self.device).manual_seed(seed)
+        return torch.randn(batch, channels, *self.latent, device=self.device, dtype=dtype, generator=generator)
+
+    def pixel_mask(self, batch=1):
+        mask = torch.zeros(batch, 1, self.frames, self.height, self.width, device=self.device)
+        mask[..., self.height // 4:3 * self.height // 4, self.width // 4:3 * self.width // 4] = 1
+        return mask
+
+    def text(self, batch=1, dtype=torch.float32):
+        generator = torch.Generator(self.device).manual_seed(2)
+        return torch.randn(batch, self.text_len, self.wan_config()["text_dim"], device=self.device, dtype=dtype,
+                           generator=generator)
+
+    def training_batch(self, batch=1):
+        tokens_per_image, dim = (17, 32) if self.tiny else (257, CLIP_VIT_H["hidden_size"])
+        generator = torch.Generator(self.device).manual_seed(3)
+        tokens = torch.randn(batch, self.num_images, tokens_per_image, dim, device=self.device, generator=generator)
+        return {"latents": self.latents(batch), "masked_latents": self.latents(batch, seed=4),
+                "packed_mask": pack_mask(self.pixel_mask(batch), self.latent[1:]), "text_embeds": self.text(batch),
+                "image_tokens": tokens, "image_mask": torch.ones(batch, self.num_images, dtype=torch.bool,
+                                                                  device=self.device)}
+
+    def clip_inputs(self):
+        """A masked clip and 5 product photos, as generation takes them."""
+        generator = torch.Generator(self.device).manual_seed(5)
+        mask = self.pixel_mask()
+        video = torch.rand(1, 3, self.frames, self.height, self.width, device=self.device, generator=generator)
+        photos = [(torch.rand(64, 64, 3, generator=generator.manual_seed(6 + i), device=self.device) * 255)
+                  .to(torch.uint8).cpu().numpy() for i in range(self.num_images)]
+        return video * (1 - mask), mask, [photos]
+
+
+def bench_check(b: Bench):
+    """Plain diffusers and ours with the gates closed compute the same DiT function."""
+    dtype = torch.bfloat16
+    x, text, ts = b.latents(channels=36, dtype=dtype), b.text(dtype=dtype), torch.tensor([500.0], device=b.device)
+    plain = b.plain_dit().to(dtype).eval()
+    ours = b.generator(open_gates=False).transformer.to(dtype).eval()
+    missing, unexpected = ours.wan.load_state_dict(plain.state_dict(), strict=False)  # same base weights
+    assert not unexpected and all(".attn2.processor." in name for name in missing), (missing, unexpected)
+    product = torch.randn(1, ours.config.num_product_tokens, ours.inner_dim, device=b.device, dtype=dtype)
+    with torch.no_grad():
+        reference = plain(x, ts, text, return_dict=False)[0]
+        same = ours(x, ts, text, product, return_dict=False)[0]
+    b.log("check", what="DiT forward, plain diffusers vs ours (gates closed), bf16",
+          relative_error=round(relative_error(same, reference), 5))
+    del plain, ours
+
+
+def train_case(b: Bench, label: str, batch_size: int, checkpointing: str, attention: str, compile_blocks: bool,
+               reference: dict | None) -> dict | None:
+    """Time one stage-2 step of ours on a path; returns its first loss and gradients when
+    `reference` is None (to check later paths against them)."""
+    b.fresh_memory()
+    model = b.generator().train()
+    trainable = set_training_stage(model, 2)
+    speed.apply_training_speed(model.transformer, checkpointing, compile_blocks, b.device)
+    parameters = [p for n, p in model.named_parameters() if n in trainable]
+    batch, objective = b.training_batch(batch_size), ObjectiveConfig()
+    autocast = torch.autocast(b.device, dtype=torch.bfloat16, enabled=b.cuda)
+
+    def loss_and_backward():
+        with speed.attention(attention, b.device):
+            with autocast:
+                loss = flow_matching_loss(model, batch, objective, torch.Generator(b.device).manual_seed(0))
+            loss.backward()
+        return loss
+
+    loss = loss_and_backward()
+    gradients = torch.cat([p.grad.flatten().cpu() for p in parameters])  # on the host: not in the peak
+    first = {"loss": loss.detach().cpu(), "gradients": gradients}
+    if reference is not None:
+        b.log("check", what=f"train step on the same batch, {label} vs ours plain, batch {batch_size}",
+              loss=round(float(loss), 6), reference_loss=round(float(reference["loss"]), 6),
+              loss_relative_error=round(relative_error(loss, reference["loss"]), 6),
+              gradient_relative_error=round(relative_error(gradients, reference["gradients"]), 5))
+        first = None
+    del gradients
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=b.cuda)
+    model.zero_grad(set_to_none=True)
+    b.reset_peak()
+
+    def step():
+        loss_and_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = b.timed(step, warm=2, reps=3 if b.tiny else 5)
+    b.log("train_step", model="ours", path=label, batch=batch_size, checkpointing=checkpointing, attention=attention,
+          compile=compile_blocks, s=round(seconds, 3), samples_per_s=round(batch_size / seconds, 3),
+          model_tflops=b.model_tflops(seconds, 3, batch_size), peak_GiB=b.gib())
+    del model, optimizer, parameters
+    return first
+
+
+def bench_train(b: Bench):
+    for batch_size in (1, 2):
+        try:  # the baseline: plain diffusers, all weights trainable, diffusers' gradient checkpointing
+            b.fresh_memory()
+            plain = b.plain_dit().train()
+            plain.enable_gradient_checkpointing()
+            optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, fused=b.cuda)
+            x, text = b.latents(batch_size, 36), b.text(batch_size)
+            ts, target = torch.full((batch_size,), 500.0, device=b.device), b.latents(batch_size, seed=7)
+
+            def step():
+                with torch.autocast(b.device, dtype=torch.bfloat16, enabled=b.cuda):
+                    out = plain(x, ts, text, return_dict=False)[0]
+                F.mse_loss(out.float(), target).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            seconds = b.timed(step, warm=2, reps=3 if b.tiny else 5)
+            b.log("train_step", model="plain diffusers", path="baseline", batch=batch_size, checkpointing="full",
+                  attention="default", compile=False, s=round(seconds, 3), samples_per_s=round(batch_size / seconds, 3),
+                  model_tflops=b.model_tflops(seconds, 3, batch_size), peak_GiB=b.gib())
+            del plain, optimizer
+        except Exception as error:  # one case failing must not lose the others
+            traceback.print_exc()
+            b.log("train_step", model="plain diffusers", batch=batch_size, error=str(error)[:300])
+        reference = None
+        for label, checkpointing, attention, compile_blocks in TRAIN_PATHS:
+            if batch_size == 2 and label not in ("ours plain", "+ compile (default)"):
+                continue
+            try:
+                first = train_case(b, label, batch_size, checkpointing, attention, compile_blocks, reference)
+                reference = reference or first
+            except Exception as error:
+                traceback.print_exc()
+                b.log("train_step", model="ours", path=label, batch=batch_size, error=str(error)[:300])
+        del reference
+
+
+def bench_data(b: Bench):
+    """Per sample: VAE-encoding its video and masked video online vs reading them precomputed."""
+    b.fresh_memory()
+    with torch.device(b.device):
+        vae = (tiny.tiny_vae() if b.tiny else AutoencoderKLWan()).eval()
+    videos = torch.rand(2, 3, b.frames, b.height, b.width, device=b.device)  # the clip and its masked copy
+    with torch.no_grad():
+        encode_seconds = b.timed(lambda: encode_video(vae, videos), warm=1, reps=3)
+        latents = encode_video(vae, videos)
+    tensors = {"latents": latents[0].cpu(), "masked_latents": latents[1].cpu(),
+               "packed_mask": pack_mask(b.pixel_mask(), b.latent[1:])[0].cpu().contiguous()}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "clip.safetensors"
+        save_file(tensors, str(path))
+
+        def read():
+            return {name: value.to(b.device, non_blocking=False) for name, value in load_file(str(path)).items()}
+
+        read_seconds = b.timed(read, warm=1, reps=5)
+        size = path.stat().st_size
+    b.log("data_per_sample", online_vae_encode_s=round(encode_seconds, 3), precomputed_read_s=round(read_seconds, 4),
+          latents_file_MiB=round(size / 2**20, 2), vae_peak_GiB=b.gib())
+    del vae
+
+
+def bench_generation(b: Bench, thresholds: list[float]):
+    """50 steps with guidance, decode and composite included, plain diffusers vs ours per path."""
+    b.fresh_memory()
+    dtype = torch.bfloat16
+    pipe = b.pipeline(b.generator())
+    masked_video, mask, photos = b.clip_inputs()
+
+    # Plain diffusers Wan T2V loop: text CFG, cond + uncond in one batch of 2, bf16 VAE decode.
+    plain = b.plain_dit().to(dtype).eval()
+    vae_bf16 = pipe.vae.to(dtype)
+    with torch.no_grad():
+        context = torch.cat([b.text(dtype=dtype), torch.zeros(1, b.text_len, b.wan_config()["text_dim"],
+                                                               device=b.device, dtype=dtype)])
+        condition = b.latents(channels=20, dtype=dtype)
+
+        def plain_generate(steps):
+            scheduler = make_scheduler("unipc", 3.0)
+            scheduler.set_timesteps(steps, device=b.device)
+            latents = b.latents(seed=8)
+            for t in scheduler.timesteps:
+                x = torch.cat([latents.to(dtype), condition], dim=1).repeat(2, 1, 1, 1, 1)
+                cond, uncond = plain(x, t.expand(2), context, return_dict=False)[0].float().chunk(2)
+                latents = scheduler.step(uncond + 5.0 * (cond - uncond), t, latents, return_dict=False)[0]
+            return decode_latents(vae_bf16, latents)
+
+        plain_generate(2)  # warm-up
+        _, plain_seconds = b.once(lambda: plain_generate(b.steps))
+    pipe.vae.to(torch.float32)
+    del plain
+    b.log("generation", model="plain diffusers", path="baseline", steps=b.steps, branches=2,
+          total_s=round(plain_seconds, 2), peak_GiB=b.gib())
+
+    def ours(steps, attention):
+        return pipe(masked_video, mask, photos, "a red bottle on a table", num_inference_steps=steps,
+                    text_guidance_scale=5.0, product_guidance_scale=3.0,
+                    generator=torch.Generator(b.device).manual_seed(0), output_type="pt", attention_backend=attention)
+
+    def measure(label, attention, exact=None, cached=False):
+        counter = speed.FullStepCounter(pipe.transformer) if cached else None
+        ours(8, attention)  # warm-up: compilation, and a step cache's skip path
+        if counter:
+            counter.count = 0
+        b.reset_peak()
+        video, seconds = b.once(lambda: ours(b.steps, attention))
+        row = dict(model="ours", path=label, steps=b.steps, branches=3,
+                   full_steps=counter.count if counter else b.steps,
+                   total_s=round(seconds, 2), speedup_vs_plain=round(plain_seconds / seconds, 2), peak_GiB=b.gib())
+        if exact is not None:
+            row["video_relative_error_vs_exact"] = round(relative_error(video, exact), 5)
+        b.log("generation", **row)
+        return video
+
+    exact = measure("ours plain", "default")
+    speed.apply_generation_speed(pipe.transformer, compile_blocks=True, step_cache_threshold=None, device=b.device)
+    measure("+ cudnn attention + compile", "cudnn", exact)
+    for threshold in thresholds:
+        pipe.transformer.wan.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        measure(f"+ step cache {threshold}", "cudnn", exact, cached=True)
+        pipe.transformer.wan.disable_cache()
+    del pipe
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run on tiny components")
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--cache-thresholds", type=float, nargs="*", default=[0.05, 0.1, 0.2])
+    sections = ["check", "train", "data", "generation", "segmentation"]
+    parser.add_argument("--only", nargs="*", default=sections, choices=sections)
+    args = parser.parse_args()
+    defaults = (5, 32, 48, 3) if args.tiny else (49, 480, 720, 50)
+    frames, height, width, steps = (given if given is not None else default for given, default in
+                                    zip((args.frames, args.height, args.width, args.steps), defaults))
+    b = Bench(args.tiny, frames, height, width, steps)
+    versions = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if b.cuda else "cpu",
+                "cudnn": torch.backends.cudnn.version()}
+    b.log("shape", frames=frames, height=height, width=width, latent=list(b.latent), tokens=b.tokens, **versions)
+    runs = {"check": lambda: bench_check(b), "train": lambda: bench_train(b), "data": lambda: bench_data(b),
+            "generation": lambda: bench_generation(b, args.cache_thresholds),
+            "segmentation": lambda: bench_segmentation_rows(b)}
+    for name in args.only:
+        try:
+            runs[name]()
+        except Exception as error:
+            traceback.print_exc()
+            b.log(name, error=str(error)[:300])
+        b.fresh_memory()
+
+    print("\n| measurement | figures |\n|---|---|")
+    for row in b.results:
+        print("|", row["name"], "|", json.dumps({k: v for k, v in row.items() if k != "name"}), "|")
+    out = os.environ.get("OUT", "/tmp")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_gpu.json"), "w") as handle:
+        json.dump(b.results, handle, indent=1)
+
+
+def bench_segmentation_rows(b: Bench):
+    from benchmarks.gpu_segmentation import bench_segmentation
+
+    for row in bench_segmentation(b.device, b.tiny):
+        b.log(**row)
+
+
+if __name__ == "__main__":
+    main()
