@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.gpu_segmentation import TINY_SAM2, TINY_SAM2_OVERRIDES  # small enough for CPU tests
 from models.segmenters import GroundedSam2Segmenter, load_segmenter
 from models.segmenters import grounded_sam2
 from models.segmenters.grounded_sam2 import detector_prompt, distinct_boxes
@@ -20,16 +21,6 @@ from storage.video import write_video
 from tasks.segment import SegmentConfig, segment_clip
 from tasks.stage import SystemicError
 
-SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
-# A SAM2 small enough for CPU tests: 128 px input, 5 Hiera blocks, one memory-attention layer.
-TINY_SAM2 = [
-    "++model.image_size=128",
-    "++model.image_encoder.trunk.stages=[1,1,2,1]",
-    "++model.image_encoder.trunk.global_att_blocks=[3]",
-    "++model.memory_attention.num_layers=1",
-    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
-    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
-]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "ceramic", "mug", "shoe"]
 
 
@@ -70,13 +61,13 @@ def weights(tmp_path_factory) -> dict:
     GroundingDinoForObjectDetection(config).save_pretrained(folder / "grounding-dino")
     processor.save_pretrained(folder / "grounding-dino")
 
-    sam2 = build_sam2_video_predictor(SAM2_CONFIG, None, device="cpu", hydra_overrides_extra=TINY_SAM2)
+    sam2 = build_sam2_video_predictor(TINY_SAM2, None, device="cpu", hydra_overrides_extra=TINY_SAM2_OVERRIDES)
     torch.save({"model": sam2.state_dict()}, folder / "sam2_tiny.pt")  # the layout of SAM2's releases
     return {
         "grounding_dino": str(folder / "grounding-dino"),
-        "sam2_config": SAM2_CONFIG,
+        "sam2_config": TINY_SAM2,
         "sam2_checkpoint": str(folder / "sam2_tiny.pt"),
-        "sam2_overrides": TINY_SAM2,
+        "sam2_overrides": TINY_SAM2_OVERRIDES,
         "device": "cpu",
         "box_threshold": 0.05,  # random weights score low; let boxes through so SAM2 runs
         "num_keyframes": 3,
