@@ -76,10 +76,9 @@ def compiled_block_call(function, one_clip_function):
     """function(block, hidden_states, ...) compiled; micro-batches of one clip run
     one_clip_function eagerly instead.
 
-    Seen on the H200 (torch 2.11, docs/performance.md): at batch 1 the compiled backward of a
-    Wan block returns wrong gradients for its scale_shift_table (hundreds to millions of times
-    the eager ones; the loss and every other weight's gradient agree), under selective, full and
-    no checkpointing alike; at batch 2 they agree to bf16 rounding.
+    Seen on the H200 (torch 2.11, docs/performance.md): at batch 1 the compiled backward of Wan
+    blocks gave wrong gradients, worst for their scale_shift_tables (the loss agreed), under
+    selective, full and no checkpointing alike; at batch 2 they agreed to bf16 rounding.
     """
     compiled = torch.compile(function)
 
