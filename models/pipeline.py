@@ -224,7 +224,7 @@ class ProductVideoPipeline(DiffusionPipeline):
             if callback is not None:
                 callback(step + 1, len(timesteps))
 
-        self.transformer.reset_step_cache()
+        self.transformer.reset_step_cache()  # and let go of the residuals it holds
         if output_type == "latent":
             return latents
         video = composite(decode_latents(self.vae, latents), masked_video.to(device, torch.float32), mask, feather_px)

@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
         (DATA / "base.json").write_text(json.dumps(info, indent=2) + "\n")
     elif args.command == "step-cache":
         from experiments.poc.step_cache import measure_step_cache
-        model = args.model or json.loads((DATA / "train_A.json").read_text())["model_uri"]
+        result = DATA / "train_A.json"
+        if args.model is None and not result.is_file():
+            parser.error(f"no --model, and {result} (run A's training result) does not exist: train run A "
+                         "first (python -m experiments.poc gpu) or pass --model")
+        model = args.model or json.loads(result.read_text())["model_uri"]
         measure_step_cache(model, args.thresholds, Path(args.out), steps=args.steps, max_clips=args.max_clips)
     elif args.command == "report":
         from experiments.poc.report import write_report
