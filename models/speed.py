@@ -35,7 +35,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from models.transformer import ProductWanTransformer
 
 ATTENTION_BACKENDS = ("cudnn", "default")
-CHECKPOINTING = ("selective", "full", "none")
 
 _CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                 SDPBackend.MATH]
@@ -72,6 +71,9 @@ def no_checkpoint(function, *args):
     return function(*args)
 
 
+CHECKPOINTING = {"selective": selective_checkpoint, "full": full_checkpoint, "none": no_checkpoint}
+
+
 def compiled_block_call(function, one_clip_function):
     """function(block, hidden_states, ...) compiled; micro-batches of one clip run
     one_clip_function eagerly instead.
@@ -93,10 +95,9 @@ def apply_training_speed(transformer: ProductWanTransformer, checkpointing: str,
     """Route the training forward of every Wan block through `checkpointing`, compiled on CUDA
     when `compile_blocks` (through diffusers' gradient-checkpointing hook, which the block loop
     calls only while gradients are on: evaluation and sampling stay eager)."""
-    functions = {"selective": selective_checkpoint, "full": full_checkpoint, "none": no_checkpoint}
-    if checkpointing not in functions:
-        raise ValueError(f"checkpointing {checkpointing!r}: expected one of {CHECKPOINTING}")
-    function = functions[checkpointing]
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing {checkpointing!r}: expected one of {tuple(CHECKPOINTING)}")
+    function = CHECKPOINTING[checkpointing]
     if compile_blocks and torch.device(device).type == "cuda":
         # Eager, the selective policy (a dispatch mode seeing every op) costs more than the
         # recompute it saves: the eager fallback recomputes whole blocks instead (measured).

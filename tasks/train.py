@@ -3,8 +3,9 @@
 Reads only precomputed latents (tasks/precompute.py). Per stage: AdamW on the stage's trainable
 weights (fused on CUDA), linear warm-up then cosine decay (diffusers' schedule), bf16 autocast on
 CUDA (float32 on CPU: CPU bf16 autocast is slow and the tests compare numbers), gradient
-accumulation, activation checkpointing and compilation of the Wan blocks (models/speed.py), optional EMA (diffusers' EMAModel; at the
-end of a stage its weights replace the raw ones, so stage 2 starts from stage 1's EMA).
+accumulation, activation checkpointing and compilation of the Wan blocks (models/speed.py),
+optional EMA (diffusers' EMAModel; at the end of a stage its weights replace the raw ones, so
+stage 2 starts from stage 1's EMA).
 
 Steps are optimizer steps, counted globally across stages (stage 2 continues stage 1's count).
 
