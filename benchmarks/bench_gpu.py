@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from models import speed, tiny
-from models.config import ObjectiveConfig
+from models.config import ObjectiveConfig, SamplerConfig
 from models.objective import flow_matching_loss
 from models.pipeline import ProductVideoPipeline, decode_latents, encode_video, make_scheduler
 from models.product_encoder import ProductEncoder
@@ -395,7 +395,8 @@ def bench_generation(b: Bench, thresholds: list[float]):
     measure("+ cudnn attention + compile", "cudnn", exact)
     for threshold in thresholds:
         pipe.transformer.wan.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-        measure(f"+ step cache {threshold}", "cudnn", exact, cached=True)
+        default = " (default)" if threshold == SamplerConfig().step_cache_threshold else ""
+        measure(f"+ step cache {threshold}{default}", "cudnn", exact, cached=True)
         pipe.transformer.wan.disable_cache()
     del pipe
 

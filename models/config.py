@@ -59,8 +59,9 @@ class SamplerConfig(BaseModel):
     compile: bool = True  # torch.compile the Wan blocks (CUDA only)
     # diffusers' First Block Cache: skip the other blocks while the first block's output has
     # changed by less than this (relative) since the last full step; null = every step exact.
-    # Off by default: its quality cost on a trained model is not measured yet (docs/performance.md).
-    step_cache_threshold: float | None = Field(None, gt=0)
+    # 0.2 cost the PoC model 0.02 dB of mask PSNR (docs/performance.md); re-measure on a new model
+    # with `python -m experiments.poc step-cache --model URI`.
+    step_cache_threshold: float | None = Field(0.2, gt=0)
 
     def plain(self) -> "SamplerConfig":
         """These settings on diffusers' plain path: every step exact, eager, PyTorch's attention order."""

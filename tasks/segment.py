@@ -288,4 +288,5 @@ def segment_clip(clip: dict, prompt: str, root: str, cfg: SegmentConfig) -> Stag
 
 
 # Version 3: grounded-sam2 feeds SAM2 frames from memory (no JPEG round trip), which moves masks slightly.
-segment_task = stage_task(STAGE, "3")(segment_clip)
+# Version 4: its detector runs under bf16 autocast on CUDA, which moves scores slightly.
+segment_task = stage_task(STAGE, "4")(segment_clip)

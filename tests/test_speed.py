@@ -108,6 +108,18 @@ def test_plain_switches(tmp_path):
     assert (sampler.attention, sampler.compile, sampler.step_cache_threshold) == ("default", False, None)
 
 
+def test_opened_models_skip_steps_by_default_but_not_on_the_plain_path(logged_model):
+    """The step cache is part of the default generation path (docs/performance.md); --plain drops it."""
+    from flows.generate import open_model
+
+    pipe, run_config = open_model(logged_model, "cpu")
+    assert run_config.model.sampler.step_cache_threshold == SamplerConfig().step_cache_threshold > 0
+    speed.FullStepCounter(pipe.transformer)  # finds the cache's hook
+    plain, _ = open_model(logged_model, "cpu", plain=True)
+    with pytest.raises(ValueError, match="no step cache"):
+        speed.FullStepCounter(plain.transformer)
+
+
 def test_step_cache_quality_measure_runs_on_a_logged_model(logged_model, tmp_path):
     from experiments.poc.step_cache import measure_step_cache
 

@@ -21,8 +21,8 @@ from diffusers.hooks import FirstBlockCacheConfig
 
 from models import metrics
 from models.speed import FullStepCounter, apply_generation_speed
+from flows.generate import open_model
 from tasks.evaluate import generate_clip, load_clip, split_rows
-from tasks.model_store import load_pipeline
 
 
 def mask_psnr_of_mean_error(generated: list[np.ndarray], references: list[np.ndarray],
@@ -36,7 +36,8 @@ def mask_psnr_of_mean_error(generated: list[np.ndarray], references: list[np.nda
 
 def measure_step_cache(model: str, thresholds: list[float], out: Path, split: str = "test", steps: int = 50,
                        max_clips: int | None = None, device: str = "cuda") -> dict:
-    pipe, run_config = load_pipeline(model, device=device, plain=True)
+    # open_model looks URIs up in the project's MLflow store, as `flows.generate` does.
+    pipe, run_config = open_model(model, device, plain=True)
 
     def sync():
         if device != "cpu":

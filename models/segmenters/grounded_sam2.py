@@ -301,7 +301,10 @@ class GroundedSam2Segmenter:
         """Per image: (scores (N,), boxes (N, 4) in pixels) of boxes above the box threshold."""
         m = self._models
         inputs = m.processor(images=list(images), text=[text] * len(images), return_tensors="pt").to(m.device)
-        outputs = m.detector(**inputs)
+        with _autocast(m.device):  # bf16 on CUDA, as SAM2 runs: the fp32 detector took a third of the stage
+            outputs = m.detector(**inputs)
+        # Boxes are scaled to pixels in fp32: in bf16 a coordinate near 720 would be rounded to 4 px.
+        outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
         results = m.processor.post_process_grounded_object_detection(
             outputs,
             inputs["input_ids"],
