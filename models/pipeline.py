@@ -129,10 +129,17 @@ class ProductVideoPipeline(DiffusionPipeline):
     def from_model_config(cls, cfg: ModelConfig, checkpoint: str | None = None,
                           torch_dtype: torch.dtype | None = None) -> "ProductVideoPipeline":
         """Components from the config's base model and image encoder; the product generator from
-        `checkpoint` (a ProductVideoGenerator folder, full or adapter) or fresh (gates at zero).
-        The VAE stays float32, as diffusers' Wan examples keep it."""
+        `checkpoint` (a ProductVideoGenerator folder, full or adapter) or fresh (gates at zero)."""
         generator = (ProductVideoGenerator.from_pretrained(checkpoint, torch_dtype=torch_dtype) if checkpoint
                      else ProductVideoGenerator.from_model_config(cfg, torch_dtype=torch_dtype))
+        return cls.from_generator(generator, cfg, torch_dtype)
+
+    @classmethod
+    def from_generator(cls, generator: ProductVideoGenerator, cfg: ModelConfig,
+                       torch_dtype: torch.dtype | None = None) -> "ProductVideoPipeline":
+        """A pipeline around `generator` with the frozen components of `cfg`: UMT5, the CLIP
+        vision tower, the scheduler and the VAE, which stays float32 as diffusers' Wan examples
+        keep it."""
         return cls(
             vae=AutoencoderKLWan.from_pretrained(cfg.base_model, subfolder="vae", torch_dtype=torch.float32),
             text_encoder=UMT5EncoderModel.from_pretrained(cfg.base_model, subfolder="text_encoder",

@@ -23,12 +23,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from models.config import TINY, ModelConfig
-from models.pipeline import ProductVideoPipeline, make_scheduler
+from models.pipeline import ProductVideoPipeline
 from models.product_encoder import ProductEncoder
 from models.speed import apply_generation_speed
 from models.tiny import save_tiny_components
@@ -178,24 +176,7 @@ def load_pipeline(folder_or_uri: str | Path, device: str | torch.device = "cpu",
         model = run_config.model.model_copy(update={"sampler": run_config.model.sampler.plain()})
         run_config = run_config.model_copy(update={"model": model})
     cfg = resolve_model_config(run_config.model, data_dir or run_config.mlflow.data_dir)
-    pipe = build_pipeline(generator, cfg, dtype).to(device)
+    pipe = ProductVideoPipeline.from_generator(generator, cfg, dtype).to(device)
     sampler = run_config.model.sampler
     apply_generation_speed(pipe.transformer, sampler.compile, sampler.step_cache_threshold, device)
     return pipe, run_config
-
-
-def build_pipeline(generator: ProductVideoGenerator, cfg: ModelConfig,
-                   dtype: torch.dtype | None = None) -> ProductVideoPipeline:
-    """A ProductVideoPipeline around `generator` with the frozen components of `cfg` (resolved,
-    see resolve_model_config): VAE in float32, UMT5, CLIP vision tower, scheduler."""
-    return ProductVideoPipeline(
-        vae=AutoencoderKLWan.from_pretrained(cfg.base_model, subfolder="vae", torch_dtype=torch.float32),
-        text_encoder=UMT5EncoderModel.from_pretrained(cfg.base_model, subfolder="text_encoder", dtype=dtype),
-        tokenizer=AutoTokenizer.from_pretrained(cfg.base_model, subfolder="tokenizer"),
-        image_encoder=CLIPVisionModel.from_pretrained(cfg.image_encoder, subfolder=cfg.image_encoder_subfolder,
-                                                      dtype=dtype),
-        image_processor=CLIPImageProcessor.from_pretrained(cfg.image_encoder,
-                                                           subfolder=cfg.image_processor_subfolder),
-        product_encoder=generator.product_encoder, transformer=generator.transformer,
-        scheduler=make_scheduler(cfg.sampler.scheduler, cfg.flow_shift),
-        text_max_length=cfg.text_max_length, max_product_images=cfg.max_product_images)

@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from models import speed
 from models.objective import draw_noise, weighted_error
+from models.pipeline import ProductVideoPipeline
 from models.training_stages import set_training_stage
 from models.transformer import ProductVideoGenerator
 from storage.hashing import sha256_json
@@ -54,7 +55,7 @@ from storage.tracking import resolve_model_uri, setup_mlflow
 from storage.video import write_video
 from tasks.distributed import (World, gather_model, is_sharded, is_sharded_checkpoint, joined_world, load_sharded,
                                prepare_model, save_sharded, shared_atomic_dir, stage_module)
-from tasks.model_store import (IncompatibleCheckpointError, build_pipeline, load_model_folder, read_model_card,
+from tasks.model_store import (IncompatibleCheckpointError, load_model_folder, read_model_card,
                                resolve_model_config, save_model_folder)
 from tasks.precompute import (LatentsError, LatentSpec, check_latents, load_clip_window, load_latents,
                               load_product_photos)
@@ -555,7 +556,7 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator,
                 if ema is not None:
                     ema.store(params)
                     ema.copy_to(params)
-                pipeline = pipeline or build_pipeline(model, model_cfg).to(device)
+                pipeline = pipeline or ProductVideoPipeline.from_generator(model, model_cfg).to(device)
                 model.eval()
                 panels = generate_samples(pipeline, validation, cfg, device)
                 if world.is_main:

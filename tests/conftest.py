@@ -4,6 +4,7 @@ never the user's, and MLflow defaults to a temporary data directory."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,16 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from tests.issue4_eval_fixtures import (local_mlflow, logged_model, split_dataset,  # noqa: F401, E402
                                         tiny_config_file, trained_champion)
 from tests.issue4_fixtures import tiny_data_dir, tiny_dataset  # noqa: F401, E402
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    """configs/model/tiny.yaml with its tiny components saved to a temporary folder."""
+    from models.config import load_model_config
+    from models.tiny import materialize_tiny
+
+    return materialize_tiny(load_model_config(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml"),
+                            tmp_path_factory.mktemp("tiny_wan"))
 
 
 @pytest.fixture(scope="module")

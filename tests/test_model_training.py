@@ -1,22 +1,15 @@
 """Training stages (which weights learn) and the rectified-flow objective."""
-from pathlib import Path
 
 import pytest
 import torch
 
-from models.config import ObjectiveConfig, load_model_config
+from models.config import ObjectiveConfig
 from models.objective import flow_matching_loss, sample_condition_keep, sample_sigmas, shift_sigmas
-from models.tiny import TINY_TEXT_DIM, materialize_tiny
+from models.tiny import TINY_TEXT_DIM
 from models.training_stages import set_training_stage, trainable_parameter_names
 from models.transformer import ProductVideoGenerator, pack_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory):
-    cfg = load_model_config(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml")
-    return materialize_tiny(cfg, tmp_path_factory.mktemp("tiny_wan"))
 
 
 def make_batch(seed=0, batch=2, frames=5):

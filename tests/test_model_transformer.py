@@ -1,13 +1,11 @@
 """The product DiT: function preservation against plain diffusers Wan, exact null product,
 shapes over frame counts, layer subsets, and the full/adapter save-load round trips."""
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from models.config import load_model_config
-from models.tiny import TINY_TEXT_DIM, materialize_tiny
+from models.tiny import TINY_TEXT_DIM
 from models.transformer import (ADAPTER_WEIGHTS_NAME, ProductVideoGenerator, ProductWanTransformer,
                                 build_dit_input, pack_mask)
 
@@ -15,12 +13,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 K = 8  # tiny.yaml num_product_tokens
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory):
-    cfg = load_model_config(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml")
-    return materialize_tiny(cfg, tmp_path_factory.mktemp("tiny_wan"))
 
 
 def inputs(batch=2, latent_frames=2, seed=0):

@@ -13,7 +13,7 @@ from models.objective import flow_matching_loss
 from models.training_stages import set_training_stage
 from models.transformer import ProductVideoGenerator
 from tasks.run_config import load_run_config
-from tests.test_model_training import make_batch, tiny_cfg  # noqa: F401 (fixture)
+from tests.test_model_training import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
