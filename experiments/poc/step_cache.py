@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from diffusers.hooks import FirstBlockCacheConfig
 
+from flows.generate import open_model
 from models import metrics
 from models.speed import FullStepCounter, apply_generation_speed
-from flows.generate import open_model
 from tasks.evaluate import generate_clip, load_clip, split_rows
 
 
