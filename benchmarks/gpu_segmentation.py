@@ -173,9 +173,11 @@ def step_seconds(segmenter: GroundedSam2Segmenter, clips: list[np.ndarray], prom
             "track_frames_per_s": round(frames / track_s, 1)}
 
 
-def bench_segmentation(device: str, tiny: bool, clips: int = 8, frames: int = 49) -> list[dict]:
-    """Rows (dicts with a "name") of the per-clip and batched paths on `clips` synthetic clips."""
+def bench_segmentation(device: str, tiny: bool, clips: int | None = None, frames: int | None = None) -> list[dict]:
+    """Rows (dicts with a "name") of the per-clip and batched paths on `clips` synthetic clips of
+    `frames` frames (default: 8 x 49, tiny 3 x 9)."""
     cuda = torch.device(device).type == "cuda"
+    clips, frames = clips or (3 if tiny else 8), frames or (9 if tiny else 49)
     height, width = (48, 72) if tiny else (480, 720)
     torch.manual_seed(0)  # the same random models every run
     with tempfile.TemporaryDirectory(prefix="bench-seg-") as folder:
@@ -218,8 +220,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=None, help="default: 3 with --tiny, else 8")
     parser.add_argument("--frames", type=int, default=None, help="frames per clip; default: 9 with --tiny, else 49")
     args = parser.parse_args()
-    rows = bench_segmentation(args.device or ("cpu" if args.tiny else "cuda"), args.tiny,
-                              clips=args.clips or (3 if args.tiny else 8), frames=args.frames or (9 if args.tiny else 49))
+    rows = bench_segmentation(args.device or ("cpu" if args.tiny else "cuda"), args.tiny, args.clips, args.frames)
     for row in rows:
         print(json.dumps(row), flush=True)
     print("\n" + markdown_table(rows))
