@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--out", required=True)
     cache = commands.add_parser("step-cache", help="quality cost of the fast generation path on a trained "
                                                    "model (GPU; experiments/poc/step_cache.py)")
-    cache.add_argument("--model", help="model URI or folder (default: run A's model, from data/poc/state.json "
-                                       "or data/poc/train_A.json)")
+    cache.add_argument("--model", help="model URI or folder (default: run A's model, from data/poc/train_A.json)")
     cache.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     cache.add_argument("--steps", type=int, default=50)
     cache.add_argument("--max-clips", type=int)
