@@ -150,3 +150,13 @@ def test_compiled_training_call_gives_the_eager_gradients(tiny_cfg, clips):
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
     for name, gradient in gradients.items():
         torch.testing.assert_close(gradient, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_step_cache_command_names_a_missing_model(tmp_path, capsys):
+    from experiments.poc.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["step-cache", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "no-such-model is neither a model URI nor an existing checkpoint folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

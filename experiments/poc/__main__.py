@@ -168,8 +168,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.model is None and not result.is_file():
             parser.error(f"no --model, and {result} (run A's training result) does not exist: train run A "
                          "first (python -m experiments.poc gpu) or pass --model")
+        from storage.tracking import ModelNotFoundError
+        from tasks.model_store import IncompatibleCheckpointError
         model = args.model or json.loads(result.read_text())["model_uri"]
-        measure_step_cache(model, args.thresholds, Path(args.out), steps=args.steps, max_clips=args.max_clips)
+        try:
+            measure_step_cache(model, args.thresholds, Path(args.out), steps=args.steps, max_clips=args.max_clips)
+        except (ModelNotFoundError, IncompatibleCheckpointError) as error:
+            parser.exit(2, f"error: {error}\n")
     elif args.command == "report":
         from experiments.poc.report import write_report
         print(write_report(Path(args.mlflow_db), Path(args.out)))
