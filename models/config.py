@@ -34,6 +34,10 @@ class ObjectiveConfig(BaseModel):
     # Loss weight is 1 outside the mask and 1 + masked_region_weight inside (latent cells are
     # weighted by the fraction of their pixels under the mask).
     masked_region_weight: float = Field(0.0, ge=0)
+    # L = L_flow + mask_loss_weight * L_mask, L_mask the squared velocity error averaged over the
+    # masked latent cells alone (weighted by their masked fraction): however small the product,
+    # its region weighs this much (OmniInsert's subject-mask loss; docs/model.md, "Objective").
+    mask_loss_weight: float = Field(0.0, ge=0)
     # Condition dropout for classifier-free guidance; the three outcomes are drawn per sample:
     # drop both, drop only the product, drop only the text.
     drop_text_prob: float = Field(0.1, ge=0, le=1)
@@ -69,9 +73,25 @@ class SamplerConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """Where the components come from and the product adapter's shape."""
+    """Where the components come from, how the photos condition the model, the adapter's shape."""
 
     model_config = ConfigDict(extra="forbid")
+
+    # product: a Wan2.1 text-to-video DiT with the project's conditioning (models/product_spec.py);
+    # vace: diffusers' Wan2.1-VACE, zero-shot or LoRA-fine-tuned (models/vace.py).
+    backend: Literal["product", "vace"] = "product"
+    # How the photos reach the DiT (docs/model.md, "Reference conditioning"): latents = their VAE
+    # latents as clean reference tokens in self-attention; clip = CLIP tokens -> resampler -> gated
+    # cross-attention (the seed plan's path); both = the two.
+    reference: Literal["latents", "clip", "both"] = "latents"
+    # joint: one softmax over video and reference tokens (Phantom, Concat-ID: training from scratch
+    # or full fine-tuning); gated: video attention + per-head gate (at 0) x attention over the
+    # reference alone, with a LoRA on the reference branch (Stand-In: keeps a pretrained T2V exact).
+    reference_attention: Literal["joint", "gated"] = "joint"
+    reference_lora_rank: int = Field(16, ge=1)  # gated mode's LoRA on the reference tokens' q/k/v
+    # What fills the masked region of the video the model sees: grey (0 in [-1, 1], as Wan I2V and
+    # VACE) or black (the dataset's masked_videos/, which stay as the seed plan defines them).
+    masked_fill: Literal["grey", "black"] = "grey"
 
     # Hub id or local folder of a diffusers Wan2.1 model (subfolders transformer/, vae/,
     # text_encoder/, tokenizer/), or "tiny".
