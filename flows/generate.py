@@ -33,7 +33,7 @@ from models.config import SamplerConfig
 from models.pipeline import ProductVideoPipeline
 from models.transformer import SPATIAL_FACTOR, TEMPORAL_FACTOR
 from storage import tracking
-from storage.images import ImageError, load_mask_png, load_photo
+from storage.images import ImageError, load_mask_png, load_photo_rgba
 from storage.layout import DatasetRoot
 from storage.video import VideoError, probe, read_video, write_video
 from tasks.model_store import IncompatibleCheckpointError, load_pipeline
@@ -89,7 +89,7 @@ def load_inputs(masks: str | Path, images: list[str], masked_video: str | Path |
     try:
         frames = read_video(clip_path)
         fps = probe(clip_path).fps
-        photos = [load_photo(p)[0] for p in images]
+        photos = [load_photo_rgba(p) for p in images]
     except (VideoError, ImageError, FileNotFoundError) as error:
         raise GenerateInputError(f"cannot read the inputs: {error}") from error
     mask = read_masks(masks)

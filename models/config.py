@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TINY = "tiny"
 
@@ -97,8 +97,8 @@ class ModelConfig(BaseModel):
     # text_encoder/, tokenizer/), or "tiny".
     base_model: str
     # Hub id or folder holding the CLIP ViT image encoder (transformers CLIPVisionModel) and its
-    # CLIPImageProcessor; Wan2.1-T2V has none, the I2V repos ship ViT-H/14.
-    image_encoder: str
+    # CLIPImageProcessor, for `reference: clip | both`; Wan2.1-T2V has none, the I2V repos ship ViT-H/14.
+    image_encoder: str | None = None
     image_encoder_subfolder: str | None = "image_encoder"
     image_processor_subfolder: str | None = "image_processor"
     text_max_length: int = Field(512, ge=1)  # UMT5 tokens, zero-padded as Wan does
@@ -121,6 +121,12 @@ class ModelConfig(BaseModel):
     flow_shift: float = Field(3.0, gt=0)
     objective: ObjectiveConfig = ObjectiveConfig()
     sampler: SamplerConfig = SamplerConfig()
+
+    @model_validator(mode="after")
+    def _clip_needs_an_image_encoder(self) -> "ModelConfig":
+        if self.reference in ("clip", "both") and not self.image_encoder:
+            raise ValueError(f"reference {self.reference!r} uses CLIP tokens of the photos: set model.image_encoder")
+        return self
 
     @field_validator("inject_layers")
     @classmethod

@@ -76,32 +76,74 @@ def draw_noise(shape: torch.Size | tuple[int, ...], cfg: ObjectiveConfig, genera
     return NoiseDraw(sigmas, noise, keep_text, keep_product)
 
 
-def weighted_error(model, batch: dict, draw: NoiseDraw, cfg: ObjectiveConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of weighted squared velocity errors, sum of their weights): the loss is their ratio.
+NOISE_BANDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # noise levels s by which the loss inside / outside the mask is logged
 
-    Returned apart so that data-parallel ranks can divide their errors by the weight sum of the
-    whole global batch: the loss is a ratio of sums over the batch, not a mean of per-rank means.
-    Cells under the mask weigh 1 + masked_region_weight x (masked fraction).
+
+@dataclass(frozen=True)
+class LossParts:
+    """Sums over a batch's rows, returned apart so that data-parallel ranks divide by the sums of
+    the whole global batch (the loss is a ratio of sums, not a mean of per-rank means), plus
+    per-sample diagnostics (detached)."""
+
+    flow_error: torch.Tensor  # sum of weighted squared velocity errors
+    flow_weight: torch.Tensor  # sum of their weights
+    mask_error: torch.Tensor  # sum over latent cells of masked fraction x squared error (channel mean)
+    mask_weight: torch.Tensor  # sum of the masked fractions
+    inside: torch.Tensor  # (B,) mean squared error inside the mask (NaN without mask)
+    outside: torch.Tensor  # (B,) mean squared error outside it
+
+    def loss(self, cfg: ObjectiveConfig, flow_weight: torch.Tensor | None = None,
+             mask_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """L_flow + mask_loss_weight * L_mask; the weights default to this batch's own sums."""
+        flow_weight = self.flow_weight if flow_weight is None else flow_weight
+        mask_weight = self.mask_weight if mask_weight is None else mask_weight
+        loss = self.flow_error / flow_weight
+        if cfg.mask_loss_weight:
+            loss = loss + cfg.mask_loss_weight * self.mask_error / mask_weight.clamp_min(1e-6)
+        return loss
+
+
+def loss_parts(spec, model, batch: dict, draw: NoiseDraw, cfg: ObjectiveConfig) -> LossParts:
+    """The squared velocity errors of one batch, as the sums and diagnostics of LossParts.
+
+    spec: the models.spec.ModelSpecification that runs `model` on the batch. L_flow weighs a cell
+    1 + masked_region_weight x (its masked fraction); L_mask averages over the masked cells alone
+    (OmniInsert's subject-mask term), so a small product weighs as much as a large one.
     """
     clean = batch["latents"].float()
     sigma = draw.sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - sigma) * clean + sigma * draw.noise
-    predicted = model(noisy, batch["masked_latents"], batch["packed_mask"], draw.sigmas * NUM_TRAIN_TIMESTEPS,
-                      batch["text_embeds"], batch["image_tokens"], batch["image_mask"],
-                      keep_text=draw.keep_text, keep_product=draw.keep_product)
+    predicted = spec.predict(model, batch, noisy, draw.sigmas * NUM_TRAIN_TIMESTEPS, keep_text=draw.keep_text,
+                             keep_product=draw.keep_product)
     squared_error = (predicted.float() - (draw.noise - clean)) ** 2
-    weight = 1 + cfg.masked_region_weight * batch["packed_mask"].float().mean(dim=1, keepdim=True)
-    return (squared_error * weight).sum(), weight.sum() * squared_error.shape[1]
+    masked = batch["packed_mask"].float().mean(dim=1, keepdim=True)  # (B, 1, T', h, w) masked fraction per cell
+    weight = 1 + cfg.masked_region_weight * masked
+    per_cell = squared_error.mean(dim=1, keepdim=True)
+    with torch.no_grad():
+        cells = (1, 2, 3, 4)
+        inside = (per_cell * masked).sum(cells) / masked.sum(cells)
+        outside = (per_cell * (1 - masked)).sum(cells) / (1 - masked).sum(cells).clamp_min(1e-6)
+    return LossParts(flow_error=(squared_error * weight).sum(), flow_weight=weight.sum() * squared_error.shape[1],
+                     mask_error=(per_cell * masked).sum(), mask_weight=masked.sum(), inside=inside, outside=outside)
 
 
-def flow_matching_loss(model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Weighted MSE between the predicted and the true velocity.
-
-    model: a models.transformer.ProductVideoGenerator. batch (precomputed, on the model's device):
-    latents (B, 16, T', h, w) and masked_latents (same) Wan-normalised, packed_mask (B, 4, T', h, w)
-    from models.transformer.pack_mask, text_embeds (B, L, text_dim), image_tokens (B, N, L_img, D),
-    image_mask (B, N) bool.
-    """
+def flow_matching_loss(spec, model, batch: dict, cfg: ObjectiveConfig,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """L_flow + mask_loss_weight * L_mask of one batch (models/spec.py's collated batch)."""
     clean = batch["latents"]
-    error, weight = weighted_error(model, batch, draw_noise(clean.shape, cfg, generator, clean.device), cfg)
-    return error / weight
+    return loss_parts(spec, model, batch, draw_noise(clean.shape, cfg, generator, clean.device), cfg).loss(cfg)
+
+
+def banded_losses(parts: LossParts, sigmas: torch.Tensor) -> dict[str, float]:
+    """MLflow metrics: the loss inside and outside the mask, overall and per noise band (where the
+    band has samples): whether a run learns the product region or only copies the context."""
+    metrics = {}
+    for where, values in (("inside_mask", parts.inside), ("outside_mask", parts.outside)):
+        finite = torch.isfinite(values)
+        if finite.any():
+            metrics[f"loss_{where}"] = float(values[finite].mean())
+        for low, high in zip(NOISE_BANDS, NOISE_BANDS[1:]):
+            band = finite & (sigmas >= low) & ((sigmas < high) | (high == NOISE_BANDS[-1]))
+            if band.any():
+                metrics[f"loss_{where}_s{low:.2f}-{high:.2f}"] = float(values[band].mean())
+    return metrics

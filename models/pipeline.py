@@ -1,6 +1,9 @@
 """Generation: masked video + mask + 1-5 product photos + prompt -> product video.
 
-Flow-matching sampler (UniPC or Euler with flow_shift, as Wan2.1 ships) with guidance over two
+The photos reach the DiT as reference latents (each one VAE-encoded on a grey canvas of the
+clip's size), as CLIP tokens through the product encoder, or both (model.reference). The masked
+region of the video the model sees is filled with grey (0 in [-1, 1], as Wan I2V and VACE) or
+black (model.masked_fill). Flow-matching sampler (UniPC or Euler with flow_shift, as Wan2.1 ships) with guidance over two
 conditions, VAE decode, then compositing in pixel space so pixels outside the mask are exactly
 the input's.
 
@@ -9,13 +12,12 @@ Guidance (three branches, batched in one forward):
         + g_text    * (v(text, no product) - v(null text, no product))
         + g_product * (v(text, product)    - v(text, no product))
 g_text = g_product = 1 gives the fully conditioned prediction. "No product" is K zero product
-tokens (exactly the base model plus masked-video channels); the null text is the negative prompt's
+tokens and no reference tokens (exactly the base model plus masked-video channels); the null text is the negative prompt's
 embeddings, or zero embeddings (the training dropout's null) when no negative prompt is given.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,15 +25,12 @@ import torch.nn.functional as F
 from diffusers import (AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
                        UniPCMultistepScheduler)
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+from transformers import CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from models import speed
 from models.product_encoder import ProductEncoder, encode_product_images
-from models.transformer import (LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, ProductVideoGenerator,
-                                ProductWanTransformer, build_dit_input, pack_mask)
-
-if TYPE_CHECKING:  # annotations only: generation itself needs no pydantic
-    from models.config import ModelConfig
+from models.transformer import (LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, ProductWanTransformer,
+                                build_dit_input, pack_mask)
 
 
 def make_scheduler(kind: str, flow_shift: float):
@@ -69,6 +68,54 @@ def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor
     return ((video.float() + 1) / 2).clamp(0, 1)
 
 
+FILL_VALUES = {"grey": 0.5, "black": 0.0}  # in [0, 1]; grey is 0 in the VAE's [-1, 1]
+
+
+def fill_masked(video: torch.Tensor, mask: torch.Tensor, fill: str) -> torch.Tensor:
+    """video * (1 - mask) + FILL_VALUES[fill] * mask: the masked video the model sees. (Computed
+    from clip + mask wherever the model reads it: an H.264 masked video can leak product colour.)"""
+    return video * (1 - mask) + FILL_VALUES[fill] * mask
+
+
+def photo_array(photo) -> np.ndarray:
+    """A PIL image or uint8 array (H, W, 3|4) -> uint8 array (H, W, 4): no alpha means opaque."""
+    array = np.asarray(photo.convert("RGBA") if hasattr(photo, "convert") else photo)
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
+        raise ValueError(f"a product photo must be H x W x 3 or 4 uint8, got {array.shape} {array.dtype}")
+    if array.shape[2] == 3:
+        array = np.concatenate([array, np.full(array.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    return array
+
+
+def flatten_alpha(photo, background: float) -> np.ndarray:
+    """The photo's RGB over a flat background (in [0, 1]) where it is transparent, uint8."""
+    rgba = photo_array(photo).astype(np.float32) / 255
+    rgb = rgba[..., :3] * rgba[..., 3:] + background * (1 - rgba[..., 3:])
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def photo_canvas(photo, height: int, width: int) -> torch.Tensor:
+    """(3, height, width) in [0, 1]: the photo scaled to fit (aspect kept), centred on grey, its
+    transparent parts grey: the neutral canvas a reference photo is VAE-encoded on."""
+    rgba = torch.from_numpy(photo_array(photo)).permute(2, 0, 1).float() / 255
+    scale = min(height / rgba.shape[1], width / rgba.shape[2])
+    size = (max(1, round(rgba.shape[1] * scale)), max(1, round(rgba.shape[2] * scale)))
+    rgba = F.interpolate(rgba[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+    canvas = torch.full((4, height, width), 0.0)
+    top, left = (height - size[0]) // 2, (width - size[1]) // 2
+    canvas[:, top:top + size[0], left:left + size[1]] = rgba
+    grey = FILL_VALUES["grey"]
+    return canvas[:3] * canvas[3:] + grey * (1 - canvas[3:])
+
+
+@torch.no_grad()
+def encode_reference_photos(vae: AutoencoderKLWan, photos: list, height: int, width: int) -> torch.Tensor:
+    """Photos -> (N, 16, h, w) Wan-normalised latents, each photo one frame on its neutral canvas."""
+    device = next(vae.parameters()).device
+    canvases = torch.stack([photo_canvas(photo, height, width) for photo in photos]).unsqueeze(2).to(device)
+    return encode_video(vae, canvases)[:, :, 0]
+
+
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int) -> torch.Tensor:
     """UMT5 embeddings (B, max_length, dim), zero after each prompt's last token, as Wan pads."""
@@ -102,6 +149,17 @@ def composite(generated: torch.Tensor, masked_video: torch.Tensor, mask: torch.T
     return torch.where(alpha > 0, blended, masked_video.to(generated.dtype))
 
 
+def pad_photos(per_sample: list[torch.Tensor], count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (N_i, ...) photo tensors -> (B, N, ...) zero-padded + (B, N) bool mask, with N =
+    `count` (a data-parallel rank pads to the whole micro-batch's) or the largest N_i."""
+    most = count or max(len(x) for x in per_sample)
+    padded = per_sample[0].new_zeros(len(per_sample), most, *per_sample[0].shape[1:])
+    mask = torch.zeros(len(per_sample), most, dtype=torch.bool, device=padded.device)
+    for i, photos in enumerate(per_sample):
+        padded[i, :len(photos)], mask[i, :len(photos)] = photos, True
+    return padded, mask
+
+
 def combine_guidance(v_full, v_no_product, v_uncond, text_scale: float, product_scale: float):
     """The guidance formula of this module's docstring; absent branches are None (unused)."""
     guided = v_full if v_no_product is None else v_no_product + product_scale * (v_full - v_no_product)
@@ -111,47 +169,24 @@ def combine_guidance(v_full, v_no_product, v_uncond, text_scale: float, product_
 
 
 class ProductVideoPipeline(DiffusionPipeline):
-    """diffusers pipeline over the Wan VAE, UMT5, CLIP vision tower, product encoder and DiT."""
+    """diffusers pipeline over the Wan VAE, UMT5, the product DiT and, for CLIP product tokens,
+    the CLIP vision tower and the product encoder (None otherwise). Built by the model
+    specification (models/product_spec.py), which loads the components."""
 
     model_cpu_offload_seq = "text_encoder->image_encoder->product_encoder->transformer->vae"
 
     def __init__(self, vae: AutoencoderKLWan, text_encoder: UMT5EncoderModel, tokenizer,
-                 image_encoder: CLIPVisionModel, image_processor: CLIPImageProcessor,
-                 product_encoder: ProductEncoder, transformer: ProductWanTransformer, scheduler,
-                 text_max_length: int = 512, max_product_images: int = 5):
+                 transformer: ProductWanTransformer, scheduler, image_encoder: CLIPVisionModel | None = None,
+                 image_processor: CLIPImageProcessor | None = None, product_encoder: ProductEncoder | None = None,
+                 text_max_length: int = 512, max_product_images: int = 5, masked_fill: str = "grey"):
         super().__init__()
+        if transformer.uses_product_tokens and (image_encoder is None or product_encoder is None):
+            raise ValueError(f"reference {transformer.config.reference!r} needs the image encoder and product encoder")
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               image_encoder=image_encoder, image_processor=image_processor,
                               product_encoder=product_encoder, transformer=transformer, scheduler=scheduler)
-        self.register_to_config(text_max_length=text_max_length, max_product_images=max_product_images)
-
-    @classmethod
-    def from_model_config(cls, cfg: ModelConfig, checkpoint: str | None = None,
-                          torch_dtype: torch.dtype | None = None) -> "ProductVideoPipeline":
-        """Components from the config's base model and image encoder; the product generator from
-        `checkpoint` (a ProductVideoGenerator folder, full or adapter) or fresh (gates at zero)."""
-        generator = (ProductVideoGenerator.from_pretrained(checkpoint, torch_dtype=torch_dtype) if checkpoint
-                     else ProductVideoGenerator.from_model_config(cfg, torch_dtype=torch_dtype))
-        return cls.from_generator(generator, cfg, torch_dtype)
-
-    @classmethod
-    def from_generator(cls, generator: ProductVideoGenerator, cfg: ModelConfig,
-                       torch_dtype: torch.dtype | None = None) -> "ProductVideoPipeline":
-        """A pipeline around `generator` with the frozen components of `cfg`: UMT5, the CLIP
-        vision tower, the scheduler and the VAE, which stays float32 as diffusers' Wan examples
-        keep it."""
-        return cls(
-            vae=AutoencoderKLWan.from_pretrained(cfg.base_model, subfolder="vae", torch_dtype=torch.float32),
-            text_encoder=UMT5EncoderModel.from_pretrained(cfg.base_model, subfolder="text_encoder",
-                                                          dtype=torch_dtype),
-            tokenizer=AutoTokenizer.from_pretrained(cfg.base_model, subfolder="tokenizer"),
-            image_encoder=CLIPVisionModel.from_pretrained(cfg.image_encoder, subfolder=cfg.image_encoder_subfolder,
-                                                          dtype=torch_dtype),
-            image_processor=CLIPImageProcessor.from_pretrained(cfg.image_encoder,
-                                                               subfolder=cfg.image_processor_subfolder),
-            product_encoder=generator.product_encoder, transformer=generator.transformer,
-            scheduler=make_scheduler(cfg.sampler.scheduler, cfg.flow_shift),
-            text_max_length=cfg.text_max_length, max_product_images=cfg.max_product_images)
+        self.register_to_config(text_max_length=text_max_length, max_product_images=max_product_images,
+                                masked_fill=masked_fill)
 
     def _check_inputs(self, masked_video, mask, product_images, prompts):
         batch, channels, frames, height, width = masked_video.shape
@@ -163,6 +198,24 @@ class ProductVideoPipeline(DiffusionPipeline):
             raise ValueError(f"need 4k+1 frames and H, W divisible by {multiple}; got {frames}x{height}x{width}")
         if len(product_images) != batch or len(prompts) != batch:
             raise ValueError(f"batch {batch}: got {len(product_images)} image lists and {len(prompts)} prompts")
+        counts = [len(photos) for photos in product_images]
+        if min(counts) < 1 or max(counts) > self.config.max_product_images:
+            raise ValueError(f"each sample needs 1..{self.config.max_product_images} product photos, got {counts}")
+
+    def _encode_photos(self, product_images: list, size: tuple[int, int], dtype: torch.dtype):
+        """(product tokens (B, K, D) or None, reference latents (B, N, 16, h, w) or None, photo
+        mask (B, N) bool or None) for each sample's photos, as model.reference asks."""
+        product = references = photo_mask = None
+        if self.transformer.uses_product_tokens:  # CLIP sees a product page's white behind a cut-out
+            on_white = [[flatten_alpha(photo, 1.0) for photo in photos] for photos in product_images]
+            image_tokens, image_mask = encode_product_images(self.image_encoder, self.image_processor, on_white,
+                                                             self.config.max_product_images)
+            product = self.product_encoder(image_tokens.to(self.product_encoder.dtype), image_mask).to(dtype)
+        if self.transformer.uses_reference_latents:
+            encoded = [encode_reference_photos(self.vae, photos, *size) for photos in product_images]
+            references, photo_mask = pad_photos(encoded)
+            references = references.to(dtype)
+        return product, references, photo_mask
 
     @torch.no_grad()
     def __call__(self, masked_video: torch.Tensor, mask: torch.Tensor, product_images: list, prompt: str | list[str],
@@ -189,8 +242,8 @@ class ProductVideoPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.transformer.dtype
         batch = masked_video.shape[0]
         mask = mask.to(device, torch.float32)
-        # Zero the region again here: a lossy re-encoded masked video can leak product colour.
-        known = masked_video.to(device, torch.float32) * (1 - mask)
+        # Fill the region again here: a lossy re-encoded masked video can leak product colour.
+        known = fill_masked(masked_video.to(device, torch.float32), mask, self.config.masked_fill)
 
         masked_latents = encode_video(self.vae, known)
         packed_mask = pack_mask(mask, masked_latents.shape[-2:])
@@ -200,19 +253,22 @@ class ProductVideoPipeline(DiffusionPipeline):
         else:
             negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
             null_text = encode_text(self.tokenizer, self.text_encoder, negatives, self.config.text_max_length).to(dtype)
-        image_tokens, image_mask = encode_product_images(self.image_encoder, self.image_processor, product_images,
-                                                         self.config.max_product_images)
-        product = self.product_encoder(image_tokens.to(self.product_encoder.dtype), image_mask).to(dtype)
-        no_product = torch.zeros_like(product)
+        product, references, photo_mask = self._encode_photos(product_images, masked_video.shape[-2:], dtype)
 
         # Branch order: full, no product, neither; only those the scales need.
-        branches = [(text, product)]
+        branches = [(text, True)]
         if product_guidance_scale != 1 or text_guidance_scale != 1:
-            branches.append((text, no_product))
+            branches.append((text, False))
         if text_guidance_scale != 1:
-            branches.append((null_text, no_product))
+            branches.append((null_text, False))
         branch_text = torch.cat([t for t, _ in branches])
-        branch_product = torch.cat([p for _, p in branches])
+        keep = torch.tensor([float(with_product) for _, with_product in branches], device=device)
+        keep = keep.repeat_interleave(batch)
+        branch_product = None if product is None else product.repeat(len(branches), 1, 1) * keep.view(-1, 1, 1).to(dtype)
+        branch_references = branch_keys = None
+        if references is not None:
+            branch_references = references.repeat(len(branches), 1, 1, 1, 1)
+            branch_keys = photo_mask.repeat(len(branches), 1) & keep.view(-1, 1).bool()
 
         latents = randn_tensor((batch, LATENT_CHANNELS, *masked_latents.shape[2:]), generator=generator,
                                device=device, dtype=torch.float32)
@@ -224,7 +280,7 @@ class ProductVideoPipeline(DiffusionPipeline):
             dit_input = dit_input.repeat(len(branches), 1, 1, 1, 1)
             with self.transformer.wan.cache_context("guided"):  # all branches are one batch, one cache
                 velocity = self.transformer(dit_input, t.expand(dit_input.shape[0]), branch_text, branch_product,
-                                            return_dict=False)[0].float()
+                                            branch_references, branch_keys, return_dict=False)[0].float()
             parts = list(velocity.chunk(len(branches))) + [None] * (3 - len(branches))
             guided = combine_guidance(*parts, text_scale=text_guidance_scale, product_scale=product_guidance_scale)
             latents = self.scheduler.step(guided, t, latents, return_dict=False)[0]

@@ -111,6 +111,13 @@ def check_stage(stage: str) -> str:
     return stage
 
 
+def set_trainable(model: nn.Module, names: set[str]) -> set[str]:
+    """requires_grad for exactly `names`; returns them (hand them to the optimizer)."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in names)
+    return names
+
+
 def specification(cfg: ModelConfig) -> ModelSpecification:
     """The specification of a resolved model config's backend."""
     if cfg.backend == "vace":

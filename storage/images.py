@@ -54,6 +54,13 @@ def load_photo(uri: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarra
     return _to_rgb8(img)
 
 
+def load_photo_rgba(uri: str | Path) -> np.ndarray:
+    """A photo as H x W x 4 uint8 (load_photo's RGB and alpha; no alpha means opaque)."""
+    rgb, alpha = load_photo(uri)
+    alpha = np.full(rgb.shape[:2], 255, np.uint8) if alpha is None else alpha
+    return np.concatenate([rgb, alpha[..., None]], axis=2)
+
+
 def _to_rgb8(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     alpha = None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits

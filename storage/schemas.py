@@ -118,19 +118,22 @@ DATASET = pa.schema(
     ]
 )
 
-# Precompute: one row per clip whose training tensors are stored (tasks/precompute.py).
+# Precompute: one row per clip sample window whose training tensors are stored (tasks/precompute.py).
 LATENTS = pa.schema(
     [
         pa.field("clip_key", pa.string(), nullable=False),
+        pa.field("window", pa.int32(), nullable=False),  # sample window of the clip, 0 = from its first frame
         pa.field("product_id", pa.string(), nullable=False),
         pa.field("clip_id", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         pa.field("category", pa.string(), nullable=False),
         pa.field("signature", pa.string(), nullable=False),  # encoders + sample shape the tensors come from
-        pa.field("path", pa.string(), nullable=False),  # latents/{signature}/{clip_key}.safetensors
+        pa.field("path", pa.string(), nullable=False),  # latents/{signature}/{product_id}/{clip_key}-w{window}.safetensors
         pa.field("shapes", pa.string(), nullable=False),  # JSON {tensor name: shape}
+        pa.field("sha256", pa.string(), nullable=False),  # of the window's safetensors file
+        pa.field("product_path", pa.string(), nullable=False),  # latents/{signature}/{product_id}/photos.safetensors
+        pa.field("product_shapes", pa.string(), nullable=False),  # JSON {tensor name: shape}, photos first
         pa.field("num_images", pa.int32(), nullable=False),  # product photos encoded
-        pa.field("sha256", pa.string(), nullable=False),  # of the safetensors file
     ]
 )
 

@@ -127,7 +127,8 @@ def shard(model: ProductVideoGenerator) -> None:
     for block in model.transformer.wan.blocks:
         fully_shard(block)
     fully_shard(model.transformer)
-    fully_shard(model.product_encoder)
+    if model.product_encoder is not None:
+        fully_shard(model.product_encoder)
     fully_shard(model)
 
 
@@ -161,8 +162,9 @@ def gather_model(model: ProductVideoGenerator, world: World) -> ProductVideoGene
     if not world.is_main:
         return None
     with torch.device("meta"):
+        encoder = model.product_encoder
         copy = ProductVideoGenerator(ProductWanTransformer.from_config(model.transformer.config),
-                                     ProductEncoder.from_config(model.product_encoder.config))
+                                     None if encoder is None else ProductEncoder.from_config(encoder.config))
     copy.load_state_dict(full, assign=True)
     return copy
 

@@ -2,7 +2,8 @@
 
 Each clip is generated from what a user would give the model: the clip with its product region
 blanked (computed here as `clip * (1 - mask)`, not read from the H.264 masked video, which can
-leak product colour), the masks and the product photos, with the caption as prompt. The clip
+leak product colour), the masks and the product photos, with the prompt training used
+(`data.prompt_from`: the caption or the category word). The clip
 goes through the same frame window, crop and photo compositing as training samples (precompute's
 functions, `data:` of the run config), so generated and real videos are compared pixel for pixel
 at the model's resolution.
@@ -35,7 +36,7 @@ from storage.rejects import RejectError
 from storage.video import write_video
 from tasks.assemble import SPLITS
 from tasks.precompute import clip_items, load_clip_window, load_product_photos
-from tasks.run_config import DataConfig, EvaluateConfig, RunConfig
+from tasks.run_config import DataConfig, EvaluateConfig, RunConfig, prompt_of
 
 ROWS_FILE = "metrics_per_clip.jsonl"
 SUMMARY_FILE = "metrics.json"
@@ -49,13 +50,13 @@ class EvaluationError(ValueError):
 @dataclass(frozen=True)
 class ClipInputs:
     """One clip at the model's resolution: video (T, H, W, 3) float in [0, 1], masks (T, H, W)
-    bool (True = product), product photos as RGB uint8 arrays, the caption."""
+    bool (True = product), product photos as RGBA uint8 cut-outs, the prompt."""
 
     row: dict
     video: np.ndarray
     masks: np.ndarray
     photos: list[np.ndarray]
-    caption: str
+    prompt: str
 
 
 def split_rows(dataset_root: str | Path, split: str, max_clips: int | None = None) -> list[dict]:
@@ -92,7 +93,7 @@ def load_clip(dataset_root: str | Path, row: dict, data: DataConfig) -> ClipInpu
         raise EvaluationError(f"clip {row['clip_key']}: {error}") from error
     photos = load_product_photos(root, row["product_images"], data.max_product_images)
     return ClipInputs(row=row, video=video.permute(1, 2, 3, 0).numpy(), masks=mask[0].numpy() > 0.5,
-                      photos=photos, caption=row["caption"])
+                      photos=photos, prompt=prompt_of(row, data.prompt_from))
 
 
 def training_data_hashes(dataset_root: str | Path, split: str = "train") -> dict[str, str]:
@@ -115,7 +116,7 @@ def generate_clip(pipe: ProductVideoPipeline, clip: ClipInputs, settings: Evalua
     video = torch.from_numpy(clip.video).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W)
     blanked = video * (1 - mask)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    output = pipe(blanked, mask, [clip.photos], clip.caption, negative_prompt=sampler.negative_prompt,
+    output = pipe(blanked, mask, [clip.photos], clip.prompt, negative_prompt=sampler.negative_prompt,
                   num_inference_steps=settings.num_inference_steps,
                   text_guidance_scale=settings.text_guidance_scale,
                   product_guidance_scale=settings.product_guidance_scale, generator=generator,

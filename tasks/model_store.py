@@ -4,7 +4,7 @@ versions point to.
 ```
 <model folder>/
   run_config.yaml     the resolved RunConfig the model was trained with
-  generator/          ProductVideoGenerator.save_pretrained (transformer/ + product_encoder/);
+  generator/          the backend's save (models/spec.py), e.g. transformer/ (+ product_encoder/);
                       a stage-1-only run saves the adapter (transformer/adapter_config.json)
   model_card.json     stage reached, step, dataset root, base model, adapter_only, ...
 ```
@@ -23,15 +23,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from models.config import TINY, ModelConfig
-from models.pipeline import ProductVideoPipeline
-from models.product_encoder import ProductEncoder
+from models.spec import specification
 from models.speed import apply_generation_speed
 from models.tiny import save_tiny_components
-from models.transformer import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ProductVideoGenerator,
-                                ProductWanTransformer)
 from storage.layout import DatasetRoot
 from storage.tracking import resolve_model_uri
 from tasks.run_config import RunConfig, run_config_from_dict
@@ -42,8 +38,9 @@ MODEL_CARD_NAME = "model_card.json"
 
 # ModelConfig fields that decide the generator's weights: two configs that differ here cannot
 # share a checkpoint. (Sampler and objective settings can change freely.)
-ARCHITECTURE_FIELDS = ("base_model", "image_encoder", "num_product_tokens", "product_hidden_dim",
-                       "product_num_heads", "inject_layers", "product_attention_heads", "mask_packing")
+ARCHITECTURE_FIELDS = ("backend", "base_model", "image_encoder", "reference", "reference_attention",
+                       "reference_lora_rank", "num_product_tokens", "product_hidden_dim", "product_num_heads",
+                       "inject_layers", "product_attention_heads", "mask_packing")
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -73,7 +70,7 @@ def check_compatible(found: ModelConfig, expected: ModelConfig, where: str) -> N
             "checkpoint trained with this config, or change the config to match it")
 
 
-def save_model_folder(folder: str | Path, generator: ProductVideoGenerator, run_config: RunConfig,
+def save_model_folder(folder: str | Path, generator: torch.nn.Module, run_config: RunConfig,
                       adapter_only: bool, info: dict | None = None) -> Path:
     """Write the model folder atomically (it appears complete or not at all) and return it.
 
@@ -86,7 +83,7 @@ def save_model_folder(folder: str | Path, generator: ProductVideoGenerator, run_
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(info or {})}
     parent = DatasetRoot.create(folder.parent)
     with parent.atomic_dir(folder.name) as tmp:
-        generator.save_pretrained(tmp / GENERATOR_DIR, adapter_only=adapter_only)
+        specification(run_config.model).save_generator(generator, tmp / GENERATOR_DIR, adapter_only)
         (tmp / RUN_CONFIG_NAME).write_text(run_config.to_yaml())
         (tmp / MODEL_CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
     return folder
@@ -104,24 +101,9 @@ def read_run_config(folder: str | Path) -> RunConfig:
     return run_config_from_dict(yaml.safe_load(path.read_text()))
 
 
-def _load_adapter_transformer(folder: Path, cfg: ModelConfig, torch_dtype) -> ProductWanTransformer:
-    """Base DiT from the (resolved) run config, then the adapter weights: the folder stays
-    portable, whatever path the base was loaded from when it was saved."""
-    transformer = ProductWanTransformer.from_base(cfg.base_model, cfg.num_product_tokens, cfg.inject_layers,
-                                                  cfg.product_attention_heads, torch_dtype=torch_dtype)
-    weights = load_file(str(folder / ADAPTER_WEIGHTS_NAME))
-    expected = set(transformer.adapter_parameter_names())
-    if set(weights) != expected:
-        raise IncompatibleCheckpointError(
-            f"{folder}: adapter weights do not match the model its run_config.yaml builds: missing "
-            f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
-    transformer.load_state_dict(weights, strict=False)
-    return transformer
-
-
 def load_model_folder(folder_or_uri: str | Path, torch_dtype: torch.dtype | None = None,
                       expect: ModelConfig | None = None,
-                      data_dir: str | Path | None = None) -> tuple[ProductVideoGenerator, RunConfig]:
+                      data_dir: str | Path | None = None) -> tuple[torch.nn.Module, RunConfig]:
     """(generator, run config) from a model folder, `runs:/<id>/model` or `models:/<name>@<alias>`.
 
     expect: the model config the caller will use the generator with (fine-tuning, evaluation);
@@ -135,34 +117,11 @@ def load_model_folder(folder_or_uri: str | Path, torch_dtype: torch.dtype | None
     cfg = resolve_model_config(run_config.model, data_dir or run_config.mlflow.data_dir)
     generator_dir = folder / GENERATOR_DIR
     try:
-        if (generator_dir / "transformer" / ADAPTER_CONFIG_NAME).is_file():
-            transformer = _load_adapter_transformer(generator_dir / "transformer", cfg, torch_dtype)
-        else:
-            transformer = ProductWanTransformer.from_pretrained(generator_dir, subfolder="transformer",
-                                                                torch_dtype=torch_dtype)
-        product_encoder = ProductEncoder.from_pretrained(generator_dir, subfolder="product_encoder",
-                                                         torch_dtype=torch_dtype)
+        generator = specification(cfg).load_generator(generator_dir, torch_dtype=torch_dtype)
     except (RuntimeError, OSError, ValueError) as error:
-        if isinstance(error, IncompatibleCheckpointError):
-            raise
-        raise IncompatibleCheckpointError(f"cannot load the generator in {generator_dir}: {error}") from error
-    _check_generator_matches(transformer, product_encoder, run_config.model, generator_dir)
-    return ProductVideoGenerator(transformer, product_encoder), run_config
-
-
-def _check_generator_matches(transformer: ProductWanTransformer, product_encoder: ProductEncoder,
-                             cfg: ModelConfig, where: Path) -> None:
-    """The saved weights must be those of the model the folder's run config describes."""
-    found = {"num_product_tokens": transformer.config.num_product_tokens,
-             "inject_layers": transformer.config.inject_layers,
-             "product_attention_heads": transformer.config.product_attention_heads,
-             "product_hidden_dim": product_encoder.config.hidden_dim,
-             "product_num_heads": product_encoder.config.num_heads}
-    differences = [f"{name}: weights {value!r} vs run_config.yaml {getattr(cfg, name)!r}"
-                   for name, value in found.items() if value != getattr(cfg, name)]
-    if differences:
-        raise IncompatibleCheckpointError(f"{where} holds a generator of another config "
-                                          f"({'; '.join(differences)})")
+        raise IncompatibleCheckpointError(f"cannot load the generator in {generator_dir} as its "
+                                          f"{RUN_CONFIG_NAME} describes it: {error}") from error
+    return generator, run_config
 
 
 def load_pipeline(folder_or_uri: str | Path, device: str | torch.device = "cpu",
@@ -176,7 +135,7 @@ def load_pipeline(folder_or_uri: str | Path, device: str | torch.device = "cpu",
         model = run_config.model.model_copy(update={"sampler": run_config.model.sampler.plain()})
         run_config = run_config.model_copy(update={"model": model})
     cfg = resolve_model_config(run_config.model, data_dir or run_config.mlflow.data_dir)
-    pipe = ProductVideoPipeline.from_generator(generator, cfg, dtype).to(device)
+    pipe = specification(cfg).pipeline(generator, dtype).to(device)
     sampler = run_config.model.sampler
     apply_generation_speed(pipe.transformer, sampler.compile, sampler.step_cache_threshold, device)
     return pipe, run_config

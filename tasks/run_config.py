@@ -48,6 +48,12 @@ class DataConfig(_Section):
     height: int = Field(480, ge=PIXEL_MULTIPLE)
     width: int = Field(720, ge=PIXEL_MULTIPLE)
     max_product_images: int = Field(4, ge=1)  # the first N photos of a product (seed: 4)
+    # Sample windows per clip, spread evenly over it (tasks/precompute.py): the frames build-dataset
+    # segmented are frames trained on. Evaluation and sample videos use the first window.
+    windows_per_clip: int = Field(1, ge=1)
+    # The text prompt: the dataset's caption, or its category word alone (a caption that names the
+    # product's colours tells a model without photos what the photos would, docs/poc.md).
+    prompt_from: Literal["caption", "category"] = "caption"
 
     @field_validator("frames")
     @classmethod
@@ -73,8 +79,11 @@ class PrecomputeConfig(_Section):
 
 class StageConfig(_Section):
     """One training stage (seed 4.1). Steps are optimizer steps (after gradient accumulation);
-    `max_steps` caps the stage even when `epochs` would run longer."""
+    `max_steps` caps the stage even when `epochs` would run longer. `trains` names what it trains
+    (models.spec.STAGE_NAMES: adapter, full, scratch); unset, stage 1 trains the adapter and
+    stage 2 the full DiT."""
 
+    trains: Literal["adapter", "full", "scratch"] | None = None
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
     # Clips per micro-batch over all ranks: a torchrun launch splits each micro-batch across its
@@ -206,6 +215,11 @@ class RunConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def prompt_of(row: dict, prompt_from: str) -> str:
+    """The text prompt of a dataset row (DataConfig.prompt_from)."""
+    return row["category"] if prompt_from == "category" else row["caption"]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -44,10 +44,8 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from models import speed
-from models.objective import draw_noise, weighted_error
-from models.pipeline import ProductVideoPipeline
-from models.training_stages import set_training_stage
-from models.transformer import ProductVideoGenerator
+from models.objective import banded_losses, draw_noise, loss_parts
+from models.spec import ModelSpecification, set_trainable, specification
 from storage.hashing import sha256_json
 from storage.images import save_png
 from storage.layout import DatasetRoot
@@ -59,7 +57,7 @@ from tasks.model_store import (IncompatibleCheckpointError, load_model_folder, r
                                resolve_model_config, save_model_folder)
 from tasks.precompute import (LatentsError, LatentSpec, check_latents, load_clip_window, load_latents,
                               load_product_photos)
-from tasks.run_config import RunConfig, StageConfig, flatten
+from tasks.run_config import RunConfig, StageConfig, flatten, prompt_of
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
@@ -77,10 +75,12 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainData:
-    """The train split's latents rows (sorted by clip key) and the dataset root."""
+    """The train split's latents rows (one per clip window, sorted by clip key and window), the
+    dataset root, and the model specification that stacks them into batches."""
 
     root: DatasetRoot
     rows: list[dict]
+    spec: ModelSpecification
 
     @classmethod
     def load(cls, cfg: RunConfig, split: str = TRAIN_SPLIT) -> "TrainData":
@@ -92,13 +92,14 @@ class TrainData:
                                "(the train flow does it before training)")
         signature = LatentSpec.from_run_config(cfg).signature
         rows = sorted((row for row in root.read_manifest("latents").to_pylist()
-                       if row["signature"] == signature and row["split"] == split), key=lambda r: r["clip_key"])
+                       if row["signature"] == signature and row["split"] == split),
+                      key=lambda r: (r["clip_key"], r["window"]))
         if not rows:
             raise TrainingError(f"the {split} split of {root.root} has no precomputed clips (signature {signature}): "
                                 "build a dataset with products in that split, or check the precompute rejects")
         for row in rows:
             check_latents(root, row)
-        return cls(root, rows)
+        return cls(root, rows, specification(resolve_model_config(cfg.model, cfg.mlflow.data_dir)))
 
     def micro_batches(self, seed: int, stage: int, epoch: int, batch_size: int) -> list[list[int]]:
         """The epoch's batches: a permutation drawn from (seed, stage, epoch) only, cut into
@@ -108,7 +109,8 @@ class TrainData:
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     def batch(self, indices: list[int], device: torch.device, images: int | None = None) -> dict[str, torch.Tensor]:
-        return collate([load_latents(self.root, self.rows[i]) for i in indices], device, images)
+        batch = self.spec.collate([load_latents(self.root, self.rows[i]) for i in indices], images)
+        return {name: value.to(device) for name, value in batch.items()}
 
     def share(self, indices: list[int], world: World, device: torch.device) -> "RankShare":
         """This rank's part of the global micro-batch `indices`, padded to the photo count of the
@@ -132,22 +134,6 @@ class RankShare:
     weight: float
 
 
-def collate(samples: list[dict[str, torch.Tensor]], device: torch.device,
-            images: int | None = None) -> dict[str, torch.Tensor]:
-    """Stack per-clip tensors; product photos are padded to `images` (default: the largest count)
-    with an image mask."""
-    most = images or max(s["image_tokens"].shape[0] for s in samples)
-    tokens = torch.zeros(len(samples), most, *samples[0]["image_tokens"].shape[1:])
-    image_mask = torch.zeros(len(samples), most, dtype=torch.bool)
-    for i, sample in enumerate(samples):
-        count = sample["image_tokens"].shape[0]
-        tokens[i, :count], image_mask[i, :count] = sample["image_tokens"].float(), True
-    batch = {name: torch.stack([s[name].float() for s in samples])
-             for name in ("latents", "masked_latents", "packed_mask", "text_embeds")}
-    batch |= {"image_tokens": tokens, "image_mask": image_mask}
-    return {name: value.to(device) for name, value in batch.items()}
-
-
 def _derive_seed(*parts) -> int:
     return int(sha256_json(list(parts))[:15], 16)
 
@@ -158,6 +144,7 @@ def _derive_seed(*parts) -> int:
 @dataclass(frozen=True)
 class StagePlan:
     stage: int
+    trains: str  # models.spec.STAGE_NAMES
     config: StageConfig
     steps_per_epoch: int
     total_steps: int
@@ -166,7 +153,7 @@ class StagePlan:
 
 def plan_stages(cfg: RunConfig, num_clips: int) -> list[StagePlan]:
     plans, done = [], 0
-    for stage, stage_cfg in ((1, cfg.train.stage1), (2, cfg.train.stage2)):
+    for stage, stage_cfg, trains in ((1, cfg.train.stage1, "adapter"), (2, cfg.train.stage2, "full")):
         if stage_cfg is None:
             continue
         batches = math.ceil(num_clips / stage_cfg.batch_size)
@@ -174,7 +161,7 @@ def plan_stages(cfg: RunConfig, num_clips: int) -> list[StagePlan]:
         total = stage_cfg.epochs * steps_per_epoch
         if stage_cfg.max_steps is not None:
             total = min(total, stage_cfg.max_steps)
-        plans.append(StagePlan(stage, stage_cfg, steps_per_epoch, total, done))
+        plans.append(StagePlan(stage, stage_cfg.trains or trains, stage_cfg, steps_per_epoch, total, done))
         done += total
     return plans
 
@@ -193,18 +180,20 @@ def build_scheduler(optimizer, warmup_steps: int, total_steps: int):
     return get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
 
 
-def train_step(model: torch.nn.Module, shares: list[RankShare], cfg: RunConfig, optimizer, scheduler,
-               ema: EMAModel | None, seeds: list[int], world: World, device: torch.device) -> float:
-    """One optimizer step over len(shares) accumulated micro-batches; returns their mean loss.
+def train_step(spec: ModelSpecification, model: torch.nn.Module, shares: list[RankShare], cfg: RunConfig, optimizer,
+               scheduler, ema: EMAModel | None, seeds: list[int], world: World,
+               device: torch.device) -> tuple[float, dict[str, float]]:
+    """One optimizer step over len(shares) accumulated micro-batches; returns their mean loss and
+    the mean of their diagnostics (objective.banded_losses of this rank's rows).
 
     seeds[i] seeds micro-batch i's noise / timesteps / dropout (see the module docstring). Each
-    rank draws them for the whole micro-batch and keeps its rows, and divides its error by the
-    weight sum over all ranks: the ranks' parts add up to the loss one process computes.
+    rank draws them for the whole micro-batch and keeps its rows, and divides its errors by the
+    weight sums over all ranks: the ranks' parts add up to the loss one process computes.
     """
     optimizer.zero_grad(set_to_none=True)
     with speed.attention(cfg.train.attention, device):  # the backward pass too: it may recompute attention
-        losses = [accumulate_gradients(model, share, seed, len(shares), cfg, world, device)
-                  for share, seed in zip(shares, seeds)]
+        results = [accumulate_gradients(spec, model, share, seed, len(shares), cfg, world, device)
+                   for share, seed in zip(shares, seeds)]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if cfg.train.optimizer.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, cfg.train.optimizer.max_grad_norm)
@@ -212,26 +201,32 @@ def train_step(model: torch.nn.Module, shares: list[RankShare], cfg: RunConfig, 
     scheduler.step()
     if ema is not None:
         ema.step(params)
-    return float(np.mean(losses))
+    diagnostics = {}
+    for name in {name for _, metrics in results for name in metrics}:
+        diagnostics[name] = float(np.mean([metrics[name] for _, metrics in results if name in metrics]))
+    return float(np.mean([loss for loss, _ in results])), diagnostics
 
 
-def accumulate_gradients(model: torch.nn.Module, share: RankShare, seed: int, micro_batches: int, cfg: RunConfig,
-                         world: World, device: torch.device) -> float:
-    """Forward and backward of one micro-batch (this rank's rows); returns its loss over all ranks."""
+def accumulate_gradients(spec: ModelSpecification, model: torch.nn.Module, share: RankShare, seed: int,
+                         micro_batches: int, cfg: RunConfig, world: World,
+                         device: torch.device) -> tuple[float, dict[str, float]]:
+    """Forward and backward of one micro-batch (this rank's rows); returns its loss over all ranks
+    and this rank's diagnostics."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16 and device.type == "cuda")
     objective = cfg.model.objective
     generator = torch.Generator(device=device).manual_seed(seed)
     shape = (share.global_size, *share.batch["latents"].shape[1:])
     draw = draw_noise(shape, objective, generator, device).rows(share.rows)
     with autocast:
-        error, weight = weighted_error(model, share.batch, draw, objective)
-    part = error * share.weight / world.sum(weight * share.weight)
+        parts = loss_parts(spec, model, share.batch, draw, objective)
+    part = parts.loss(objective, world.sum(parts.flow_weight * share.weight),
+                      world.sum(parts.mask_weight * share.weight)) * share.weight
     loss = world.sum(part)
     if not torch.isfinite(loss):
         raise TrainingError(f"loss is {loss.item()}: training diverged; lower the learning rate "
                             "(the last checkpoint is kept, resume after fixing the config)")
     (part * world.size / micro_batches).backward()  # DDP and FSDP average gradients over the ranks
-    return loss.item()
+    return loss.item(), banded_losses(parts, draw.sigmas) if share.weight else {}
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -347,7 +342,7 @@ class ValidationBatch:
         root = data.root
         latents = [r for r in root.read_manifest("latents").to_pylist()
                    if r["signature"] == data.rows[0]["signature"] and r["split"] == VAL_SPLIT]
-        chosen = sorted(r["clip_key"] for r in (latents or data.rows))[:cfg.train.num_samples]
+        chosen = sorted({r["clip_key"] for r in (latents or data.rows)})[:cfg.train.num_samples]
         dataset = {r["clip_key"]: r for r in root.read_manifest("dataset").to_pylist()}
         d = cfg.data
         windows = [load_clip_window(root, dataset[k]["video_path"], dataset[k]["mask_dir"], d.frames,
@@ -357,7 +352,7 @@ class ValidationBatch:
         return cls(masked_video=video * (1 - mask), mask=mask, video=video,
                    photos=[load_product_photos(root, dataset[k]["product_images"], d.max_product_images)
                            for k in chosen],
-                   captions=[dataset[k]["caption"] for k in chosen],
+                   captions=[prompt_of(dataset[k], d.prompt_from) for k in chosen],
                    fps=dataset[chosen[0]]["fps"] / d.frame_stride)
 
 
@@ -406,6 +401,20 @@ def log_samples(panels: np.ndarray, fps: float, label: str, out_dir: Path) -> No
 
 
 # -- the run ----------------------------------------------------------------------------------
+
+
+def gate_metrics(model: torch.nn.Module) -> dict[str, float]:
+    """Mean |gate| of the product cross-attention and of gated reference attention, where the
+    model has them: how far training has opened each path from the photos."""
+    transformer = model.transformer
+    metrics = {}
+    if getattr(transformer, "uses_product_tokens", False):
+        metrics["product_gate_abs_mean"] = transformer.product_gate_magnitude()
+    reference = transformer.reference_gate_magnitude() if hasattr(transformer, "reference_gate_magnitude") else None
+    if reference is not None:
+        metrics["reference_gate_abs_mean"] = reference
+    return metrics
+
 
 
 def run_identity(cfg: RunConfig, data: TrainData, init_card: dict | None) -> str:
@@ -463,12 +472,11 @@ def _run_training(cfg: RunConfig, resume: bool, init_from: str | None, world: Wo
         return record["result"]
 
     device = world.device
-    model_cfg = resolve_model_config(cfg.model, cfg.mlflow.data_dir)
     if init_folder is not None:
         model, _ = load_model_folder(init_folder, expect=cfg.model, data_dir=cfg.mlflow.data_dir)
     else:
         torch.manual_seed(cfg.train.seed)  # the fresh product layers' initial weights (the same on every rank)
-        model = ProductVideoGenerator.from_model_config(model_cfg)
+        model = data.spec.build_generator()
     model.to(device).train()
     speed.apply_training_speed(model.transformer, cfg.train.gradient_checkpointing, cfg.train.compile, device)
     prepare_model(model, world, cfg.train.distributed.strategy)
@@ -491,7 +499,7 @@ def _run_training(cfg: RunConfig, resume: bool, init_from: str | None, world: Wo
             run_root.write_json(RUN_FILE, record)
     run_id = world.broadcast(run_id)
     try:
-        result = _train_stages(cfg, data, model, model_cfg, run_root, run_id, init_from, world)
+        result = _train_stages(cfg, data, model, run_root, run_id, init_from, world)
     except BaseException:
         if world.is_main:
             mlflow.end_run(status="FAILED")
@@ -502,7 +510,7 @@ def _run_training(cfg: RunConfig, resume: bool, init_from: str | None, world: Wo
     return result
 
 
-def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator, model_cfg, run_root: DatasetRoot,
+def _train_stages(cfg: RunConfig, data: TrainData, model: torch.nn.Module, run_root: DatasetRoot,
                   run_id: str, init_from: str | None, world: World) -> dict:
     device, strategy = world.device, cfg.train.distributed.strategy
     plans = plan_stages(cfg, len(data.rows))
@@ -516,7 +524,7 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator,
     for plan in plans:
         if resumed and plan.stage < resumed["stage"]:
             continue
-        trainable = set_training_stage(model, plan.stage)
+        trainable = set_trainable(model, data.spec.trainable_names(model, plan.trains))
         trained = stage_module(model, world, strategy)
         optimizer = build_optimizer(model, trainable, cfg, plan.config, device)
         scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, plan.total_steps)
@@ -534,16 +542,16 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator,
             global_step = plan.first_global_step + step + 1
             lr = scheduler.get_last_lr()[0]  # what this step uses (the scheduler then moves on)
             started = time.perf_counter()
-            loss = train_step(trained, [data.share(b, world, device) for b in chunk], cfg, optimizer, scheduler, ema,
-                              [_derive_seed(cfg.train.seed, "noise", plan.stage, step, i) for i in range(len(chunk))],
-                              world, device)
+            loss, diagnostics = train_step(
+                data.spec, trained, [data.share(b, world, device) for b in chunk], cfg, optimizer, scheduler, ema,
+                [_derive_seed(cfg.train.seed, "noise", plan.stage, step, i) for i in range(len(chunk))], world, device)
             elapsed = time.perf_counter() - started
             step += 1
-            gate = model.transformer.product_gate_magnitude()  # on every rank: FSDP gathers the gates
+            gates = gate_metrics(model)  # on every rank: FSDP gathers the gates
             if world.is_main:
                 mlflow.log_metrics({"loss": loss, "lr": lr, "stage": plan.stage, "epoch": epoch,
                                     "throughput_samples_per_s": sum(map(len, chunk)) / elapsed,
-                                    "product_gate_abs_mean": gate}, step=global_step)
+                                    **gates, **diagnostics}, step=global_step)
             epoch_done = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             if step % cfg.train.checkpoint_every == 0 or step == plan.total_steps:
                 meta = {"stage": plan.stage, "stage_step": step, "global_step": global_step, "mlflow_run_id": run_id,
@@ -556,7 +564,7 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: ProductVideoGenerator,
                 if ema is not None:
                     ema.store(params)
                     ema.copy_to(params)
-                pipeline = pipeline or ProductVideoPipeline.from_generator(model, model_cfg).to(device)
+                pipeline = pipeline or data.spec.pipeline(model).to(device)
                 model.eval()
                 panels = generate_samples(pipeline, validation, cfg, device)
                 if world.is_main:

@@ -5,9 +5,9 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from models.spec import specification
 from models.tiny import TINY_TEXT_DIM
-from models.transformer import (ADAPTER_WEIGHTS_NAME, ProductVideoGenerator, ProductWanTransformer,
-                                build_dit_input, pack_mask)
+from models.transformer import ADAPTER_WEIGHTS_NAME, ProductWanTransformer, build_dit_input, pack_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -110,24 +110,31 @@ def directory_bytes(folder):
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def test_full_and_adapter_round_trips(tiny_cfg, tmp_path):
-    generator = ProductVideoGenerator.from_model_config(tiny_cfg).eval()
+@pytest.mark.parametrize("reference,attention", [("clip", "joint"), ("latents", "gated"), ("latents", "joint"),
+                                                  ("both", "gated")])
+def test_full_and_adapter_round_trips(tiny_cfg, tmp_path, reference, attention):
+    cfg = tiny_cfg.model_copy(update={"reference": reference, "reference_attention": attention})
+    spec = specification(cfg)
+    generator = spec.build_generator().eval()
     randomize_new_weights(generator.transformer)
-    generator.save_pretrained(tmp_path / "full")
-    generator.save_pretrained(tmp_path / "adapter", adapter_only=True)
+    spec.save_generator(generator, tmp_path / "full", adapter_only=False)
+    spec.save_generator(generator, tmp_path / "adapter", adapter_only=True)
     assert (tmp_path / "full/transformer/config.json").is_file()
     assert (tmp_path / "adapter/transformer" / ADAPTER_WEIGHTS_NAME).is_file()
+    assert (tmp_path / "full/product_encoder").is_dir() == (reference != "latents")
 
     z_t, z_masked, packed, text, _, timestep = inputs()
-    image_tokens = torch.randn(2, 3, 17, 32)
-    image_mask = torch.tensor([[True, False, False], [True, True, True]])
+    photo_mask = torch.tensor([[True, False, False], [True, True, True]])
+    batch = {"masked_latents": z_masked, "packed_mask": packed, "text_embeds": text, "photo_mask": photo_mask,
+             "image_tokens": torch.randn(2, 3, 17, 32), "reference_latents": torch.randn(2, 3, 16, 4, 6)}
     with torch.no_grad():
-        expected = generator(z_t, z_masked, packed, timestep, text, image_tokens, image_mask)
+        expected = spec.predict(generator, batch, z_t, timestep)
         for kind in ("full", "adapter"):
-            loaded = ProductVideoGenerator.from_pretrained(tmp_path / kind).eval()
-            got = loaded(z_t, z_masked, packed, timestep, text, image_tokens, image_mask)
+            loaded = spec.load_generator(tmp_path / kind).eval()
+            got = spec.predict(loaded, batch, z_t, timestep)
             assert torch.equal(got, expected), kind
-            assert loaded.transformer.config.product_attention_heads == 1
+            assert loaded.transformer.config.reference == reference
+    assert expected.shape == z_t.shape
 
     adapter_transformer = directory_bytes(tmp_path / "adapter/transformer")
     full_transformer = directory_bytes(tmp_path / "full/transformer")
