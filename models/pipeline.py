@@ -174,6 +174,7 @@ class ProductVideoPipeline(DiffusionPipeline):
     specification (models/product_spec.py), which loads the components."""
 
     model_cpu_offload_seq = "text_encoder->image_encoder->product_encoder->transformer->vae"
+    _optional_components = ["image_encoder", "image_processor", "product_encoder"]  # CLIP path only
 
     def __init__(self, vae: AutoencoderKLWan, text_encoder: UMT5EncoderModel, tokenizer,
                  transformer: ProductWanTransformer, scheduler, image_encoder: CLIPVisionModel | None = None,

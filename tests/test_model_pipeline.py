@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from models.config import load_model_config
-from models.pipeline import ProductVideoPipeline
+from models.pipeline import ProductVideoPipeline, fill_masked, photo_canvas
+from models.spec import specification
 from models.tiny import materialize_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -14,12 +15,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
+    """Both photo paths (CLIP tokens and gated reference latents), their gates open."""
     cfg = load_model_config(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml")
-    cfg = materialize_tiny(cfg, tmp_path_factory.mktemp("tiny_wan"))
-    pipe = ProductVideoPipeline.from_model_config(cfg)
-    with torch.no_grad():  # open the product gates so the product condition matters
+    cfg = materialize_tiny(cfg, tmp_path_factory.mktemp("tiny_wan")).model_copy(update={"reference": "both"})
+    spec = specification(cfg)
+    pipe = spec.pipeline(spec.build_generator())
+    with torch.no_grad():
         for block in pipe.transformer.wan.blocks:
             block.attn2.processor.gate.fill_(1.0)
+            block.attn1.processor.gate.fill_(1.0)
     return pipe
 
 
@@ -67,6 +71,44 @@ def test_guidance_scales_change_the_result_and_one_branch_is_plain_conditioning(
     product_only = generate(pipe, 0, output_type="latent", text_guidance_scale=1.0, product_guidance_scale=3.0)
     assert guided.shape == (2, 16, 2, 4, 6)
     assert not torch.allclose(guided, conditional) and not torch.allclose(product_only, conditional)
+
+
+def test_each_photo_path_carries_the_photos(pipe):
+    masked_video, mask, images = scene()
+    other = [[255 - image for image in photos] for photos in images]
+    kwargs = dict(num_inference_steps=2, text_guidance_scale=1.0, product_guidance_scale=1.0, output_type="latent")
+    base = pipe(masked_video, mask, images, "x", generator=torch.Generator().manual_seed(0), **kwargs)
+    for gate in ("attn1", "attn2"):  # close one path at a time: the other still reads the photos
+        gates = [getattr(block, gate).processor.gate for block in pipe.transformer.wan.blocks]
+        saved = [g.detach().clone() for g in gates]
+        with torch.no_grad():
+            for g in gates:
+                g.zero_()
+        try:
+            one_path = pipe(masked_video, mask, images, "x", generator=torch.Generator().manual_seed(0), **kwargs)
+            swapped = pipe(masked_video, mask, other, "x", generator=torch.Generator().manual_seed(0), **kwargs)
+        finally:
+            with torch.no_grad():
+                for g, value in zip(gates, saved):
+                    g.copy_(value)
+        assert not torch.allclose(one_path, base) and not torch.allclose(one_path, swapped), gate
+
+
+def test_grey_fill_and_neutral_canvas():
+    video, mask = torch.ones(1, 3, 1, 4, 4), torch.zeros(1, 1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    grey = fill_masked(video, mask, "grey")
+    assert torch.equal(grey[..., :2, :], torch.full_like(grey[..., :2, :], 0.5)) and grey[..., 2:, :].eq(1).all()
+    assert fill_masked(video, mask, "black")[..., :2, :].eq(0).all()
+    # A tall opaque red photo on a wide canvas: aspect kept, centred, grey beside it.
+    photo = np.zeros((40, 20, 4), np.uint8)
+    photo[..., 0], photo[..., 3] = 255, 255
+    canvas = photo_canvas(photo, 32, 48)
+    assert canvas.shape == (3, 32, 48)
+    assert torch.allclose(canvas[:, :, 24], torch.tensor([1.0, 0.0, 0.0]).view(3, 1).expand(3, 32), atol=1e-6)
+    assert torch.allclose(canvas[:, :, :10], torch.full((3, 32, 10), 0.5))
+    photo[..., 3] = 0  # fully transparent: nothing but grey
+    assert torch.allclose(photo_canvas(photo, 32, 48), torch.full((3, 32, 48), 0.5))
 
 
 def test_euler_scheduler_and_progress_callback(pipe):
