@@ -282,7 +282,8 @@ class VaceSpecification(ModelSpecification):
         full = (folder / TRANSFORMER_FOLDER / "config.json").is_file()
         transformer = WanVACETransformer3DModel.from_pretrained(
             str(folder) if full else self.cfg.base_model, subfolder=TRANSFORMER_FOLDER, torch_dtype=torch_dtype)
-        transformer.load_lora_adapter(str(folder / LORA_FOLDER), prefix=None, adapter_name=ADAPTER_NAME)
+        transformer.load_lora_adapter(str(folder / LORA_FOLDER), prefix=None, adapter_name=ADAPTER_NAME,
+                                      use_safetensors=True)
         return VaceGenerator(transformer)
 
     # -- generation ---------------------------------------------------------------------------
