@@ -38,10 +38,10 @@ from torch import nn
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from models import speed
+from models.objective import NUM_TRAIN_TIMESTEPS
 from models.pipeline import composite, decode_latents, encode_text, encode_video, make_scheduler
 from models.spec import ModelSpecification, check_stage
-from models.objective import NUM_TRAIN_TIMESTEPS
-from models.transformer import LATENT_CHANNELS, pack_mask
+from models.transformer import pack_mask
 
 if TYPE_CHECKING:  # annotations only
     from models.config import ModelConfig
@@ -201,10 +201,6 @@ class VaceSpecification(ModelSpecification):
         """reference_latents (N, 16, 1, h, w): each photo on its white canvas, VAE-encoded as one frame."""
         device = next(encoders.vae.parameters()).device
         canvases = [_image_tensor(reference_canvas(photo, height, width)) for photo in photos]
-        if not canvases:
-            empty = (0, LATENT_CHANNELS, 1, height // encoders.vae_scale_factor_spatial,
-                     width // encoders.vae_scale_factor_spatial)
-            return {"reference_latents": torch.zeros(empty)}
         images = torch.stack(canvases)[:, :, None].to(device)  # (N, 3, 1, H, W)
         return {"reference_latents": encode_video(encoders.vae, images).cpu()}
 
@@ -241,7 +237,7 @@ class VaceSpecification(ModelSpecification):
         """batch: control_latents (B, 96, T', h, w), text_embeds (B, L, dim), reference_latents
         (B, N, 16, 1, h, w) with photo_mask (B, N). A sample sees only its present photos (none when
         keep_product is 0); samples with as many run as one forward, since padding frames would be
-        attended to."""
+        attended to. The references' noise (vace_velocity) comes from torch's global generator."""
         text = batch["text_embeds"]
         if keep_text is not None:
             text = text * keep_text.view(-1, 1, 1).to(text.dtype)
@@ -303,8 +299,9 @@ class VaceProductPipeline(WanVACEPipeline):
     guides on the text alone (guidance_scale = text_guidance_scale), the photos are in both branches.
 
     models.speed.apply_generation_speed does not apply (it reaches ProductWanTransformer's `.wan`)
-    and the step cache must stay off: VACE adds its hints after blocks that First Block Cache would
-    skip. Compile with `pipe.transformer.compile_repeated_blocks()` instead.
+    and the step cache must stay off: VACE adds its hints to the hidden states between the blocks,
+    so on a skipped step they would come again on top of First Block Cache's cached residual.
+    Compile with `pipe.transformer.compile_repeated_blocks()` instead.
     """
 
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,

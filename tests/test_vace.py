@@ -5,8 +5,9 @@ import torch
 from diffusers import WanVACETransformer3DModel
 
 from models.config import ModelConfig
+from models.spec import specification
 from models.tiny import save_tiny_vace_components
-from models.vace import (LORA_FOLDER, TRANSFORMER_FOLDER, VaceGenerator, VaceSpecification, reference_canvas)
+from models.vace import LORA_FOLDER, TRANSFORMER_FOLDER, VaceGenerator, VaceSpecification, reference_canvas
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,6 +69,7 @@ def randomize_lora(generator, seed=0):
 
 
 def test_tiny_vace_folder_loads_through_the_users_path(spec):
+    assert isinstance(specification(spec.cfg), VaceSpecification)
     generator = spec.build_generator()
     plain = WanVACETransformer3DModel.from_pretrained(spec.cfg.base_model, subfolder="transformer")
     assert isinstance(generator.transformer, WanVACETransformer3DModel)
