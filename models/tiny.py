@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel, WanVACETransformer3DModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast,
                           UMT5Config, UMT5EncoderModel)
@@ -30,6 +30,16 @@ def tiny_transformer() -> WanTransformer3DModel:
                                  in_channels=16, out_channels=16, text_dim=TINY_TEXT_DIM, freq_dim=32,
                                  ffn_dim=64, num_layers=2, cross_attn_norm=True,
                                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+
+
+def tiny_vace_transformer() -> WanVACETransformer3DModel:
+    """Wan2.1-VACE layout on tiny_transformer's blocks: a VACE block at both (1.3B: at 15 of 30),
+    96 control channels (32 video latents + 64 unshuffled mask), as the real checkpoints."""
+    return WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                     in_channels=16, out_channels=16, text_dim=TINY_TEXT_DIM, freq_dim=32,
+                                     ffn_dim=64, num_layers=2, cross_attn_norm=True,
+                                     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64,
+                                     vace_layers=[0, 1], vace_in_channels=96)
 
 
 def tiny_vae() -> AutoencoderKLWan:
@@ -81,6 +91,20 @@ def save_tiny_components(folder: str | Path, seed: int = 0) -> Path:
         tiny_image_encoder().save_pretrained(folder / "image_encoder")
     tiny_tokenizer().save_pretrained(folder / "tokenizer")
     tiny_image_processor().save_pretrained(folder / "image_processor")
+    flow_scheduler(3.0).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def save_tiny_vace_components(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny Wan2.1-VACE-style model folder (transformer/, vae/, text_encoder/, tokenizer/,
+    scheduler/, as Wan-AI/Wan2.1-VACE-1.3B-diffusers) and return it."""
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tiny_vace_transformer().save_pretrained(folder / "transformer")
+        tiny_vae().save_pretrained(folder / "vae")
+        tiny_text_encoder().save_pretrained(folder / "text_encoder")
+    tiny_tokenizer().save_pretrained(folder / "tokenizer")
     flow_scheduler(3.0).save_pretrained(folder / "scheduler")
     return folder
 
