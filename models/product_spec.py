@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
+from models import speed
 from models.pipeline import (ProductVideoPipeline, encode_reference_photos, encode_text, encode_video, fill_masked,
                              flatten_alpha, make_scheduler, pad_photos)
 from models.product_encoder import ProductEncoder, encode_product_images
@@ -148,7 +149,9 @@ class ProductSpecification(ModelSpecification):
         a model folder stays portable."""
         folder = Path(folder)
         if not (folder / "transformer" / ADAPTER_CONFIG_NAME).is_file():
-            return ProductVideoGenerator.from_pretrained(folder, torch_dtype=torch_dtype)
+            generator = ProductVideoGenerator.from_pretrained(folder, torch_dtype=torch_dtype)
+            self._check_matches(generator, folder)
+            return generator
         generator = self.build_generator(torch_dtype)
         weights = load_file(str(folder / "transformer" / ADAPTER_WEIGHTS_NAME))
         expected = set(generator.transformer.adapter_parameter_names())
@@ -161,6 +164,20 @@ class ProductSpecification(ModelSpecification):
                                                                        torch_dtype=torch_dtype)
         return generator
 
+    def _check_matches(self, generator: ProductVideoGenerator, folder: Path) -> None:
+        """A full save carries its own config: it must be the generator this config describes."""
+        cfg, found = self.cfg, generator.transformer.config
+        pairs = {name: (found[name], getattr(cfg, name)) for name in (
+            "reference", "reference_attention", "reference_lora_rank", "num_product_tokens", "inject_layers",
+            "product_attention_heads")}
+        if generator.product_encoder is not None:
+            encoder = generator.product_encoder.config
+            pairs |= {"product_hidden_dim": (encoder.hidden_dim, cfg.product_hidden_dim),
+                      "product_num_heads": (encoder.num_heads, cfg.product_num_heads)}
+        differences = [f"{name}: weights {a!r} vs config {b!r}" for name, (a, b) in pairs.items() if a != b]
+        if differences:
+            raise ValueError(f"{folder} holds a generator of another config ({'; '.join(differences)})")
+
     # -- generation ---------------------------------------------------------------------------
 
     def pipeline(self, generator: nn.Module, torch_dtype: torch.dtype | None = None) -> ProductVideoPipeline:
@@ -172,4 +189,12 @@ class ProductSpecification(ModelSpecification):
             image_processor=image_processor, product_encoder=generator.product_encoder,
             text_max_length=self.cfg.text_max_length, max_product_images=self.cfg.max_product_images,
             masked_fill=self.cfg.masked_fill)
+
+    def speed_up_training(self, generator: nn.Module, checkpointing: str, compile_blocks: bool,
+                          device: torch.device) -> None:
+        speed.apply_training_speed(generator.transformer, checkpointing, compile_blocks, device)
+
+    def speed_up_generation(self, pipeline: ProductVideoPipeline, compile_blocks: bool,
+                            step_cache_threshold: float | None, device: torch.device | str) -> None:
+        speed.apply_generation_speed(pipeline.transformer, compile_blocks, step_cache_threshold, device)
 

@@ -104,6 +104,18 @@ class ModelSpecification(ABC):
         """A diffusers pipeline around `generator` with this config's frozen components; its
         `__call__` takes models.pipeline.ProductVideoPipeline's arguments."""
 
+    # -- speed (models/speed.py, docs/performance.md) -----------------------------------------
+
+    @abstractmethod
+    def speed_up_training(self, generator: nn.Module, checkpointing: str, compile_blocks: bool,
+                          device: torch.device) -> None:
+        """Activation checkpointing ("selective" / "full" / "none") and compiled blocks (CUDA)."""
+
+    @abstractmethod
+    def speed_up_generation(self, pipeline, compile_blocks: bool, step_cache_threshold: float | None,
+                            device: torch.device | str) -> None:
+        """Compiled blocks (CUDA) and, where the backend allows it, a step cache."""
+
 
 def check_stage(stage: str) -> str:
     if stage not in STAGE_NAMES:

@@ -287,6 +287,19 @@ class VaceSpecification(ModelSpecification):
     def pipeline(self, generator: nn.Module, torch_dtype: torch.dtype | None = None) -> "VaceProductPipeline":
         return VaceProductPipeline.from_generator(generator, self.cfg, torch_dtype)
 
+    def speed_up_training(self, generator: nn.Module, checkpointing: str, compile_blocks: bool,
+                          device: torch.device) -> None:
+        """diffusers' own checkpointing of every block ("selective" falls back to it: the selective
+        policy of models/speed.py is written for the product DiT's blocks); no compilation yet."""
+        if checkpointing != "none":
+            generator.transformer.enable_gradient_checkpointing()
+
+    def speed_up_generation(self, pipeline, compile_blocks: bool, step_cache_threshold: float | None,
+                            device: torch.device | str) -> None:
+        """Regional compilation on CUDA; never the step cache (VaceProductPipeline says why)."""
+        if compile_blocks and torch.device(device).type == "cuda":
+            pipeline.transformer.compile_repeated_blocks()
+
 
 class VaceProductPipeline(WanVACEPipeline):
     """WanVACEPipeline called as models.pipeline.ProductVideoPipeline is.
@@ -298,10 +311,9 @@ class VaceProductPipeline(WanVACEPipeline):
     prompt is zeros, training's text dropout. product_guidance_scale is unused: diffusers' VACE
     guides on the text alone (guidance_scale = text_guidance_scale), the photos are in both branches.
 
-    models.speed.apply_generation_speed does not apply (it reaches ProductWanTransformer's `.wan`)
-    and the step cache must stay off: VACE adds its hints to the hidden states between the blocks,
-    so on a skipped step they would come again on top of First Block Cache's cached residual.
-    Compile with `pipe.transformer.compile_repeated_blocks()` instead.
+    The step cache stays off (VaceSpecification.speed_up_generation): VACE adds its hints to the
+    hidden states between the blocks, so on a skipped step they would come again on top of First
+    Block Cache's cached residual.
     """
 
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,

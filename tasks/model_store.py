@@ -26,7 +26,6 @@ import yaml
 
 from models.config import TINY, ModelConfig
 from models.spec import specification
-from models.speed import apply_generation_speed
 from models.tiny import save_tiny_components
 from storage.layout import DatasetRoot
 from storage.tracking import resolve_model_uri
@@ -135,7 +134,8 @@ def load_pipeline(folder_or_uri: str | Path, device: str | torch.device = "cpu",
         model = run_config.model.model_copy(update={"sampler": run_config.model.sampler.plain()})
         run_config = run_config.model_copy(update={"model": model})
     cfg = resolve_model_config(run_config.model, data_dir or run_config.mlflow.data_dir)
-    pipe = specification(cfg).pipeline(generator, dtype).to(device)
+    spec = specification(cfg)
+    pipe = spec.pipeline(generator, dtype).to(device)
     sampler = run_config.model.sampler
-    apply_generation_speed(pipe.transformer, sampler.compile, sampler.step_cache_threshold, device)
+    spec.speed_up_generation(pipe, sampler.compile, sampler.step_cache_threshold, device)
     return pipe, run_config

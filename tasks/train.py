@@ -478,7 +478,7 @@ def _run_training(cfg: RunConfig, resume: bool, init_from: str | None, world: Wo
         torch.manual_seed(cfg.train.seed)  # the fresh product layers' initial weights (the same on every rank)
         model = data.spec.build_generator()
     model.to(device).train()
-    speed.apply_training_speed(model.transformer, cfg.train.gradient_checkpointing, cfg.train.compile, device)
+    data.spec.speed_up_training(model, cfg.train.gradient_checkpointing, cfg.train.compile, device)
     prepare_model(model, world, cfg.train.distributed.strategy)
 
     run_id = None

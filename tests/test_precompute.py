@@ -1,5 +1,5 @@
-"""Precompute on a built tiny dataset: stored tensors, manifest, caching, incremental runs,
-missing / corrupt latents."""
+"""Precompute on a built tiny dataset: stored tensors per product and clip window, manifest,
+caching per product, incremental runs, missing / corrupt latents."""
 import json
 import shutil
 
@@ -9,18 +9,19 @@ import torch
 from safetensors.torch import load_file
 
 from flows.train import precompute
-from models.pipeline import encode_video
+from models.pipeline import encode_reference_photos, encode_video, fill_masked
 from storage.hashing import sha256_file
 from storage.layout import DatasetRoot
-from tasks.precompute import LatentsError, LatentSpec, _encoders, load_clip_window, precompute_clip
+from tasks.precompute import (LatentsError, LatentSpec, _encoders, load_clip_window, load_clip_windows,
+                              load_product_photos, precompute_product, product_items, window_starts)
 from tasks.train import TrainData, TrainingError
 from tests.issue4_fixtures import TINY_CONFIG, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def run_precompute(dataset, data_dir):
-    overrides = [f"data.root={dataset}", f"mlflow.data_dir={data_dir}"]
+def run_precompute(dataset, data_dir, extra=()):
+    overrides = [f"data.root={dataset}", f"mlflow.data_dir={data_dir}", *extra]
     return precompute(config=str(TINY_CONFIG), overrides=overrides)
 
 
@@ -56,11 +57,11 @@ def first_run(runs):
 
 def test_a_new_product_is_encoded_alone_and_a_rerun_is_cached(runs, newcomer):
     before, added, again = runs
-    newcomer_clips = [r for r in added["rows"] if r["product_id"] == newcomer]
-    assert newcomer_clips and newcomer not in {r["product_id"] for r in before["rows"]}
-    assert (before["ran"], before["cached"]) == (len(before["rows"]), 0)
-    assert (added["ran"], added["cached"]) == (len(newcomer_clips), len(before["rows"]))
-    assert (again["ran"], again["cached"]) == (0, len(added["rows"]))
+    products = {r["product_id"] for r in added["rows"]}
+    assert newcomer in products and newcomer not in {r["product_id"] for r in before["rows"]}
+    assert (before["ran"], before["cached"]) == (len(products) - 1, 0)
+    assert (added["ran"], added["cached"]) == (1, len(products) - 1)
+    assert (again["ran"], again["cached"]) == (0, len(products))
 
 
 def test_every_clip_gets_its_tensors_and_a_manifest_row(first_run, dataset, tiny_data_dir):
@@ -69,37 +70,61 @@ def test_every_clip_gets_its_tensors_and_a_manifest_row(first_run, dataset, tiny
     manifest = {r["clip_key"]: r for r in pq.read_table(dataset / "manifests/latents.parquet").to_pylist()}
     assert first_run["rejects"] == [] and set(manifest) == {r["clip_key"] for r in clips}
     assert {r["split"] for r in manifest.values()} == {"train", "val", "test"}
-    # 9 frames at 64 x 96 -> 3 latent frames of 8 x 12; 16 UMT5 tokens of 32; 17 CLIP tokens of 32.
+    # 9 frames at 64 x 96 -> 3 latent frames of 8 x 12; 16 UMT5 tokens of 32; photos one latent frame each.
     for row in clips:
         entry = manifest[row["clip_key"]]
-        assert entry["path"] == f"latents/{first_run['signature']}/{row['clip_key']}.safetensors"
-        assert entry["sha256"] == sha256_file(dataset / entry["path"])[0]
+        signature = first_run["signature"]
+        assert entry["path"] == f"latents/{signature}/{row['product_id']}/{row['clip_key']}-w0.safetensors"
+        assert entry["product_path"] == f"latents/{signature}/{row['product_id']}/photos.safetensors"
+        assert entry["sha256"] == sha256_file(dataset / entry["path"])[0] and entry["window"] == 0
         tensors = load_file(dataset / entry["path"])
+        photos = load_file(dataset / entry["product_path"])
         images = min(len(row["product_images"]), cfg.data.max_product_images)
         assert {k: list(v.shape) for k, v in tensors.items()} == json.loads(entry["shapes"]) == {
             "latents": [16, 3, 8, 12], "masked_latents": [16, 3, 8, 12], "packed_mask": [4, 3, 8, 12],
-            "text_embeds": [16, 32], "image_tokens": [images, 17, 32]}
+            "text_embeds": [16, 32]}
+        assert {k: list(v.shape) for k, v in photos.items()} == json.loads(entry["product_shapes"]) == {
+            "reference_latents": [images, 16, 8, 12]}
         assert entry["num_images"] == images and tensors["packed_mask"].max() > 0
 
 
-def test_masked_latents_come_from_clip_times_inverse_mask(first_run, dataset, tiny_data_dir):
+def test_stored_tensors_are_the_specifications_encodings(first_run, dataset, tiny_data_dir):
+    """Masked latents come from clip + mask with the grey fill; reference latents are the photos
+    on their neutral canvas, encoded once per product."""
     cfg = tiny_run_config(dataset, tiny_data_dir)
     row = pq.read_table(dataset / "manifests/dataset.parquet").to_pylist()[0]
     root = DatasetRoot(dataset)
     video, mask = load_clip_window(root, row["video_path"], row["mask_dir"], 9, 1, 64, 96)
     assert mask.sum() > 0 and video[:, mask[0] > 0].abs().sum() > 0
-    vae = _encoders(LatentSpec.from_run_config(cfg)).vae
-    expected = encode_video(vae, (video * (1 - mask)).unsqueeze(0))[0]
-    stored = load_file(dataset / f"latents/{first_run['signature']}/{row['clip_key']}.safetensors")
+    vae = _encoders(LatentSpec.from_run_config(cfg))[1].vae
+    expected = encode_video(vae, fill_masked(video, mask, "grey").unsqueeze(0))[0]
+    folder = dataset / f"latents/{first_run['signature']}/{row['product_id']}"
+    stored = load_file(folder / f"{row['clip_key']}-w0.safetensors")
     torch.testing.assert_close(stored["masked_latents"], expected)
     assert not torch.allclose(stored["masked_latents"], stored["latents"])
+    photos = load_product_photos(root, row["product_images"], cfg.data.max_product_images)
+    torch.testing.assert_close(load_file(folder / "photos.safetensors")["reference_latents"],
+                               encode_reference_photos(vae, photos, 64, 96))
 
 
-def test_a_changed_product_photo_reencodes_only_that_products_clips(first_run, dataset, tiny_data_dir):
+def test_several_windows_per_clip_cover_the_clip(first_run, dataset, tiny_data_dir, tmp_path):
+    assert window_starts(100, 9, 2, 3) == [0, 42, 83] and window_starts(17, 9, 2, 3) == [0]
+    with pytest.raises(Exception, match="needs 17"):
+        window_starts(16, 9, 2, 1)
+    copy = tmp_path / "dataset"
+    shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns(".cache", "latents", "latents.parquet"))
+    result = run_precompute(copy, tiny_data_dir, ["data.windows_per_clip=3"])
+    row = pq.read_table(copy / "manifests/dataset.parquet").to_pylist()[0]
+    windows = load_clip_windows(DatasetRoot(copy), row["video_path"], row["mask_dir"], 9, 1, 64, 96, 3)
+    per_clip = [r["window"] for r in result["rows"] if r["clip_key"] == row["clip_key"]]
+    assert per_clip == list(range(len(windows))) and len(windows) == 3
+    assert not torch.equal(windows[0][0], windows[-1][0])  # the windows are different frames
+
+
+def test_a_changed_product_photo_reencodes_only_that_product(first_run, dataset, tiny_data_dir):
     images = dataset / "manifests/product_images.parquet"
     table = pq.read_table(images)
     rows = table.to_pylist()
-    changed = rows[0]["product_id"]
     shutil.copy(images, images.with_suffix(".bak"))
     try:
         rows[0]["sha256"] = "0" * 64  # what a re-cut photo of one product looks like to the cache key
@@ -107,8 +132,8 @@ def test_a_changed_product_photo_reencodes_only_that_products_clips(first_run, d
         result = run_precompute(dataset, tiny_data_dir)
     finally:
         shutil.move(images.with_suffix(".bak"), images)
-    clips = sum(1 for r in first_run["rows"] if r["product_id"] == changed)
-    assert (result["ran"], result["cached"]) == (clips, len(first_run["rows"]) - clips)
+    products = len({r["product_id"] for r in first_run["rows"]})
+    assert (result["ran"], result["cached"]) == (1, products - 1)
 
 
 def test_missing_or_corrupt_latents_are_named_and_recreated(first_run, dataset, tiny_data_dir):

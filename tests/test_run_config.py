@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.transformer import ProductVideoGenerator
+from models.spec import specification
 from tasks.model_store import (IncompatibleCheckpointError, load_model_folder, load_pipeline, read_model_card,
                                resolve_model_config, save_model_folder)
 from tasks.run_config import flatten, load_run_config
@@ -53,7 +53,7 @@ def tiny_run(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     cfg = load_run_config(CONFIGS / "tiny.yaml", [f"mlflow.data_dir={data_dir}"])
     torch.manual_seed(0)
-    generator = ProductVideoGenerator.from_model_config(resolve_model_config(cfg.model, data_dir))
+    generator = specification(resolve_model_config(cfg.model, data_dir)).build_generator()
     with torch.no_grad():  # open the gates so the saved weights differ from a fresh model
         for name, parameter in generator.named_parameters():
             if name.endswith("processor.gate") or name.startswith("transformer.wan.blocks.0.ffn"):
@@ -86,19 +86,19 @@ def test_pipeline_loads_from_a_model_folder(tiny_run, tmp_path):
     folder = save_model_folder(tmp_path / "model", generator, cfg, adapter_only=True)
     pipe, loaded_cfg = load_pipeline(folder)
     assert loaded_cfg.name == "tiny" and pipe.config.text_max_length == cfg.model.text_max_length
-    assert torch.equal(pipe.transformer.wan.blocks[1].attn2.processor.gate,
-                       generator.transformer.wan.blocks[1].attn2.processor.gate)
+    assert torch.equal(pipe.transformer.wan.blocks[1].attn1.processor.gate,
+                       generator.transformer.wan.blocks[1].attn1.processor.gate)
 
 
 def test_a_model_folder_of_another_config_is_refused(tiny_run, tmp_path):
     cfg, generator = tiny_run
     folder = save_model_folder(tmp_path / "model", generator, cfg, adapter_only=False)
-    other = cfg.model.model_copy(update={"num_product_tokens": 4})
-    with pytest.raises(IncompatibleCheckpointError, match="num_product_tokens: checkpoint 8 vs config 4"):
+    other = cfg.model.model_copy(update={"reference_lora_rank": 4})
+    with pytest.raises(IncompatibleCheckpointError, match="reference_lora_rank: checkpoint 16 vs config 4"):
         load_model_folder(folder, expect=other)
     # A folder whose weights and run_config.yaml disagree (hand-assembled) is refused too.
     (folder / "run_config.yaml").write_text(cfg.model_copy(update={"model": other}).to_yaml())
-    with pytest.raises(IncompatibleCheckpointError, match="another config"):
+    with pytest.raises(IncompatibleCheckpointError, match="as its run_config.yaml describes"):
         load_model_folder(folder)
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         load_model_folder(tmp_path)

@@ -10,8 +10,7 @@ import torch
 from models import speed
 from models.config import SamplerConfig
 from models.objective import flow_matching_loss
-from models.training_stages import set_training_stage
-from models.transformer import ProductVideoGenerator
+from models.spec import set_trainable, specification
 from tasks.run_config import load_run_config
 from tests.test_model_training import make_batch
 
@@ -20,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def stage2_gradients(model, batch, tiny_cfg):
     model.zero_grad(set_to_none=True)
-    loss = flow_matching_loss(model, batch, tiny_cfg.objective, torch.Generator().manual_seed(0))
+    loss = flow_matching_loss(specification(tiny_cfg), model, batch, tiny_cfg.objective, torch.Generator().manual_seed(0))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -29,10 +28,11 @@ def stage2_gradients(model, batch, tiny_cfg):
 def test_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_cfg, checkpointing):
     tiny_batch = make_batch()
     torch.manual_seed(0)
-    model = ProductVideoGenerator.from_model_config(tiny_cfg).train()
-    for block in model.transformer.wan.blocks:  # open the gates: the product path has gradients too
-        torch.nn.init.normal_(block.attn2.processor.gate, std=0.1)
-    set_training_stage(model, 2)
+    spec = specification(tiny_cfg)
+    model = spec.build_generator().train()
+    for block in model.transformer.wan.blocks:  # open the gates: the reference path has gradients too
+        torch.nn.init.normal_(block.attn1.processor.gate, std=0.1)
+    set_trainable(model, spec.trainable_names(model, "full"))
     loss, reference = stage2_gradients(model, tiny_batch, tiny_cfg)
     speed.apply_training_speed(model.transformer, checkpointing, compile_blocks=True, device="cpu")
     assert model.transformer.wan.gradient_checkpointing
@@ -60,12 +60,11 @@ def test_unknown_settings_are_refused():
 def test_step_cache_skips_steps_and_resets_between_calls(tiny_cfg):
     """With a threshold no step passes, the cache changes nothing; with a huge one, every step
     after the first of a call reuses it, and the next call starts fresh."""
-    from models.pipeline import ProductVideoPipeline
-
     torch.manual_seed(0)
-    pipe = ProductVideoPipeline.from_model_config(tiny_cfg)
+    spec = specification(tiny_cfg)
+    pipe = spec.pipeline(spec.build_generator())
     for block in pipe.transformer.wan.blocks:
-        block.attn2.processor.gate.data.fill_(0.1)
+        block.attn1.processor.gate.data.fill_(0.1)
     video = torch.rand(1, 3, 5, 32, 48)
     mask = torch.zeros(1, 1, 5, 32, 48)
     mask[..., 8:24, 12:36] = 1
@@ -139,8 +138,9 @@ def test_compiled_training_call_gives_the_eager_gradients(tiny_cfg, clips):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
-    model = ProductVideoGenerator.from_model_config(tiny_cfg).train()
-    set_training_stage(model, 2)
+    spec = specification(tiny_cfg)
+    model = spec.build_generator().train()
+    set_trainable(model, spec.trainable_names(model, "full"))
     batch = make_batch(batch=clips)
     loss, reference = stage2_gradients(model, batch, tiny_cfg)
     model.transformer.wan.enable_gradient_checkpointing(
