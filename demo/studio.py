@@ -61,7 +61,7 @@ VIEWS = ("front", "side", "back", "detail", "top")
 TEXTURES = ("stripes", "dots", "gradient", "noise")
 # Colourway look: identity at a scale the latent grid carries (unit-square fractions of the product).
 COLOURWAY_TEXTURES = ("bands", "decal")
-_BAND_PERIOD = (0.55, 0.8)  # a band is half a period: 20+ px on a product of ~80 px
+_BAND_PERIOD = (0.6, 0.9)  # a band is a third of a period: 16+ px on a product of ~80 px
 _DECAL_RADIUS = (0.16, 0.22)
 MOVES = ("orbit", "pan", "zoom")
 
@@ -243,12 +243,17 @@ def random_product(rng: np.random.Generator, kind: str, product_id: str) -> Prod
 
 # Colourways of one shape: primaries at least this far apart (RGB distance), so they clearly differ.
 _MIN_SIBLING_DISTANCE = 90.0
+# Colourway colours: a bright saturated body, far from every light low-saturation backdrop tone and
+# spread over the colour space, and a darker neighbouring shade for bands, decal and accents. Two
+# unrelated colours in equal parts would average to the dataset's grey: a product's mean colour
+# must stay far from the dataset's mean (issue 14's gate 1: photo colour beats no photo by 6 dB).
+_PRIMARY_VALUE = (0.8, 1.0)
+_SECONDARY_VALUE = (0.55, 0.7)
+_SECONDARY_HUE_STEP = 0.05
 
 
-def _vivid_colour(rng: np.random.Generator, hue: float) -> tuple[int, int, int]:
-    # Saturated: far from every light, low-saturation backdrop tone, and spread over the colour
-    # space, so a product's colour says much more than the dataset's mean colour.
-    s, v = rng.uniform(0.65, 1.0), rng.uniform(0.4, 0.95)
+def _vivid_colour(rng: np.random.Generator, hue: float, value: tuple[float, float]) -> tuple[int, int, int]:
+    s, v = rng.uniform(0.85, 1.0), rng.uniform(*value)
     return tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(hue % 1.0, s, v))
 
 
@@ -270,12 +275,12 @@ def random_colourway(
     """One colourway of a shape: body and second colour, bands or a decal, a coloured accent."""
     for _ in range(1000):
         hue = rng.uniform()
-        primary = _vivid_colour(rng, hue)
+        primary = _vivid_colour(rng, hue, _PRIMARY_VALUE)
         if all(math.dist(primary, other.primary) >= _MIN_SIBLING_DISTANCE for other in siblings):
             break
     else:
         raise RuntimeError(f"no colourway of {product_id} stands apart from its {len(siblings)} siblings")
-    secondary = _vivid_colour(rng, hue + rng.uniform(0.25, 0.75))
+    secondary = _vivid_colour(rng, hue + rng.uniform(-_SECONDARY_HUE_STEP, _SECONDARY_HUE_STEP), _SECONDARY_VALUE)
     texture = str(rng.choice(COLOURWAY_TEXTURES))
     size = rng.uniform(*(_BAND_PERIOD if texture == "bands" else _DECAL_RADIUS))
     return ProductSpec(
@@ -427,8 +432,10 @@ def _texture_weight(spec: ProductSpec, u: np.ndarray, v: np.ndarray) -> np.ndarr
     """Where the secondary colour shows (0..1) at unit-square coordinates u, v (broadcastable)."""
     angle = math.radians(spec.texture_angle)
     along = u * math.cos(angle) + v * math.sin(angle)
-    if spec.texture in ("stripes", "bands"):  # bands: stripes broad enough for the latent grid
+    if spec.texture == "stripes":
         return np.clip(np.sin(2 * np.pi * along / spec.texture_period) * 2.5 + 0.5, 0, 1)
+    if spec.texture == "bands":  # broad stripes covering a third of the body: the body colour dominates
+        return np.clip((np.sin(2 * np.pi * along / spec.texture_period) - 0.5) * 10 + 0.5, 0, 1)
     if spec.texture == "decal":  # a disc, edge about 1 px wide
         cu, cv = spec.texture_centre
         return np.clip((spec.texture_period - np.hypot(u - cu, v - cv)) * 100 + 0.5, 0, 1)

@@ -41,6 +41,9 @@ CLIP_SECONDS = (3.0, 4.0)  # 72-96 frames
 PHOTO_VIEWS = VIEWS[:4]  # front, side, back, detail: max_product_images is 4
 PHOTO_SIZE, CUTOUT_SIZE = 192, 128
 CLIP_ID = "c1"
+# Kinds whose body is broad enough to carry colour at the latent scale (ring and bracelet bands
+# are 4-8 px, a watch is mostly its dark dial).
+KINDS = ("bottle", "box", "shoe", "mug")
 SEGMENTER = "studio-truth"
 BACKGROUND_REMOVAL = "studio-alpha"
 MANIFEST_NAMES = ("products", "clips", "masks", "masked_videos", "product_images")
@@ -51,7 +54,7 @@ def poc_studio(products: int, colourways: int, seed: int) -> StudioConfig:
     return StudioConfig(num_products=products, seed=seed, look="colourway", colourways=colourways, width=WIDTH,
                         height=HEIGHT, fps=FPS, videos_per_product=(1, 1), shots_per_video=(1, 1),
                         shot_seconds=CLIP_SECONDS, images_per_product=(4, 4), image_size=PHOTO_SIZE,
-                        portrait_fraction=0.0)
+                        portrait_fraction=0.0, kinds=KINDS)
 
 
 def _write_clip(root: DatasetRoot, product: Colourway, cfg: StudioConfig) -> tuple[dict, dict]:
