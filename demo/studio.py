@@ -18,6 +18,13 @@ texture (stripes, dots, gradient, noise) and bevel shading from a light directio
 once and moves it per frame with one `cv2.warpAffine` (orbit = rotation + foreshortening, pan,
 zoom) over a light studio backdrop (gradient, vignette, faint texture, grain). Everything comes
 from `StudioConfig.seed`: the same seed gives byte-identical masks and the same cuts.
+
+Two looks (`StudioConfig.look`):
+- classic: every product its own random shape, colours and fine texture (stripes of a few px);
+- colourway: a product is (shape + camera plan, colourway). `colourways` products share a kind,
+  shape parameters and videos (same shots, backdrop and grain); each has its own saturated
+  colours, broad bands or a large decal (16+ px at 128 x 192: the latent cell is 8 px) and its
+  own photos. A product's colours can then only be learnt from its photos, never from its shape.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -51,6 +59,10 @@ KIND_PREFIX = {
 }
 VIEWS = ("front", "side", "back", "detail", "top")
 TEXTURES = ("stripes", "dots", "gradient", "noise")
+# Colourway look: identity at a scale the latent grid carries (unit-square fractions of the product).
+COLOURWAY_TEXTURES = ("bands", "decal")
+_BAND_PERIOD = (0.6, 0.9)  # a band is a third of a period: 16+ px on a product of ~80 px
+_DECAL_RADIUS = (0.16, 0.22)
 MOVES = ("orbit", "pan", "zoom")
 
 # Part labels in a drawn product: which colour a part takes and how bright it is.
@@ -95,6 +107,8 @@ class StudioConfig(BaseModel):
     # ultrafast: about 2x the speed of veryfast here, files about 10% larger at the same crf
     preset: str = Field("ultrafast", description="x264 preset of the showcase videos")
     grain_sigma: float = Field(1.0, ge=0, description="std of the per-frame backdrop noise, in 8-bit levels")
+    look: Literal["classic", "colourway"] = Field("classic", description="see the module docstring")
+    colourways: int = Field(4, ge=1, description="colourway look: products that share one shape and its videos")
 
     @model_validator(mode="after")
     def _check(self) -> "StudioConfig":
@@ -142,10 +156,12 @@ class ProductSpec:
     texture_period: float  # fraction of the product size, for stripes and dots
     texture_seed: int  # for the noise texture
     shape: dict[str, float] = field(default_factory=dict)
+    accent_rgb: tuple[int, int, int] | None = None  # colourway look: a colour of its own, not a metal
+    texture_centre: tuple[float, float] = (0.5, 0.5)  # of the decal, in the unit square
 
     @property
     def accent(self) -> tuple[int, int, int]:
-        return _ACCENTS[self.accent_name]
+        return self.accent_rgb or _ACCENTS[self.accent_name]
 
     @property
     def caption(self) -> str:
@@ -155,6 +171,8 @@ class ProductSpec:
             "dots": f"with {secondary} dots",
             "gradient": f"fading into {secondary}",
             "noise": f"with a mottled {secondary} pattern",
+            "bands": f"with broad {secondary} bands",
+            "decal": f"with a large {secondary} decal",
         }[self.texture]
         article = "an" if primary[0] in "aeiou" else "a"
         return f"{article} {primary} {self.kind} {pattern} and {self.accent_name} details"
@@ -194,9 +212,8 @@ def _product_colour(rng: np.random.Generator, hue: float) -> tuple[int, int, int
     return tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(hue % 1.0, s, v))
 
 
-def random_product(rng: np.random.Generator, kind: str, product_id: str) -> ProductSpec:
-    hue = rng.uniform()
-    shape_ranges = {
+def _random_shape(rng: np.random.Generator, kind: str) -> dict[str, float]:
+    ranges = {
         "ring": {"thickness": (0.05, 0.1)},
         "bracelet": {"aspect": (0.55, 0.8), "thickness": (0.05, 0.08), "beads": (7, 13)},
         "bottle": {"half_width": (0.14, 0.2), "shoulder": (0.36, 0.44)},
@@ -205,6 +222,11 @@ def random_product(rng: np.random.Generator, kind: str, product_id: str) -> Prod
         "watch": {"strap": (0.1, 0.14), "hour": (0.0, 12.0)},
         "mug": {"half_width": (0.24, 0.3), "top": (0.18, 0.3)},
     }[kind]
+    return {name: round(float(rng.uniform(lo, hi)), 4) for name, (lo, hi) in ranges.items()}
+
+
+def random_product(rng: np.random.Generator, kind: str, product_id: str) -> ProductSpec:
+    hue = rng.uniform()
     return ProductSpec(
         product_id=product_id,
         kind=kind,
@@ -215,8 +237,94 @@ def random_product(rng: np.random.Generator, kind: str, product_id: str) -> Prod
         texture_angle=float(rng.uniform(0, 180)),
         texture_period=float(rng.uniform(0.08, 0.16)),
         texture_seed=int(rng.integers(2**31)),
-        shape={name: round(float(rng.uniform(lo, hi)), 4) for name, (lo, hi) in shape_ranges.items()},
+        shape=_random_shape(rng, kind),
     )
+
+
+# Colourways of one shape: primaries at least this far apart (RGB distance), so they clearly differ.
+_MIN_SIBLING_DISTANCE = 90.0
+# Colourway colours: a bright saturated body, far from every light low-saturation backdrop tone and
+# spread over the colour space, and a darker neighbouring shade for bands, decal and accents. Two
+# unrelated colours in equal parts would average to the dataset's grey: a product's mean colour
+# must stay far from the dataset's mean (issue 14's gate 1: photo colour beats no photo by 6 dB).
+_PRIMARY_VALUE = (0.8, 1.0)
+_SECONDARY_VALUE = (0.55, 0.7)
+_SECONDARY_HUE_STEP = 0.05
+
+
+def _vivid_colour(rng: np.random.Generator, hue: float, value: tuple[float, float]) -> tuple[int, int, int]:
+    s, v = rng.uniform(0.85, 1.0), rng.uniform(*value)
+    return tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(hue % 1.0, s, v))
+
+
+def _decal_centre(rng: np.random.Generator, kind: str, shape: dict[str, float]) -> tuple[float, float]:
+    """A random point deep inside the product's body (unit square), where a decal shows."""
+    n = 64
+    labels = np.zeros((n, n), np.uint8)
+    _draw_parts(kind, shape, n, 0, labels)
+    body = np.isin(labels, (BODY, BODY_LIGHT, BODY_DARK)).astype(np.uint8)
+    depth = cv2.distanceTransform(body, cv2.DIST_L2, 5)
+    ys, xs = np.nonzero(depth >= 0.5 * depth.max())
+    pick = int(rng.integers(len(xs)))
+    return (float(xs[pick]) + 0.5) / n, (float(ys[pick]) + 0.5) / n
+
+
+def random_colourway(
+    rng: np.random.Generator, kind: str, shape: dict[str, float], product_id: str, siblings: list[ProductSpec]
+) -> ProductSpec:
+    """One colourway of a shape: body and second colour, bands or a decal, a coloured accent."""
+    for _ in range(1000):
+        hue = rng.uniform()
+        primary = _vivid_colour(rng, hue, _PRIMARY_VALUE)
+        if all(math.dist(primary, other.primary) >= _MIN_SIBLING_DISTANCE for other in siblings):
+            break
+    else:
+        raise RuntimeError(f"no colourway of {product_id} stands apart from its {len(siblings)} siblings")
+    secondary = _vivid_colour(rng, hue + rng.uniform(-_SECONDARY_HUE_STEP, _SECONDARY_HUE_STEP), _SECONDARY_VALUE)
+    texture = str(rng.choice(COLOURWAY_TEXTURES))
+    size = rng.uniform(*(_BAND_PERIOD if texture == "bands" else _DECAL_RADIUS))
+    return ProductSpec(
+        product_id=product_id,
+        kind=kind,
+        primary=primary,
+        secondary=secondary,
+        accent_name=colour_name(secondary),
+        texture=texture,
+        texture_angle=float(rng.uniform(0, 180)),
+        texture_period=float(size),
+        texture_seed=0,
+        shape=shape,
+        accent_rgb=secondary,
+        texture_centre=_decal_centre(rng, kind, shape),
+    )
+
+
+@dataclass(frozen=True)
+class Colourway:
+    """A product of the colourway look, with the random streams its files are drawn from."""
+
+    spec: ProductSpec
+    seed: int
+    shape_index: int
+    colourway: int
+
+    def scene_rng(self) -> np.random.Generator:
+        """The same stream for every colourway of a shape: the same videos, only the colours differ."""
+        return np.random.default_rng([self.seed, self.shape_index + 1, 0])
+
+    def photo_rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.shape_index + 1, self.colourway + 1, 0])
+
+
+def colourway_shape(cfg: StudioConfig, shape_index: int) -> list[Colourway]:
+    """The `cfg.colourways` products of one shape; kinds cycle over shapes in a seeded order."""
+    kind = _kind_order(cfg)[shape_index % len(cfg.kinds)]
+    shape = _random_shape(np.random.default_rng([cfg.seed, shape_index + 1]), kind)
+    specs: list[ProductSpec] = []
+    for c in range(cfg.colourways):
+        rng = np.random.default_rng([cfg.seed, shape_index + 1, c + 1])
+        specs.append(random_colourway(rng, kind, shape, f"{KIND_PREFIX[kind]}{shape_index + 1:04d}C{c + 1}", specs))
+    return [Colourway(spec, cfg.seed, shape_index, c) for c, spec in enumerate(specs)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +434,11 @@ def _texture_weight(spec: ProductSpec, u: np.ndarray, v: np.ndarray) -> np.ndarr
     along = u * math.cos(angle) + v * math.sin(angle)
     if spec.texture == "stripes":
         return np.clip(np.sin(2 * np.pi * along / spec.texture_period) * 2.5 + 0.5, 0, 1)
+    if spec.texture == "bands":  # broad stripes covering a third of the body: the body colour dominates
+        return np.clip((np.sin(2 * np.pi * along / spec.texture_period) - 0.5) * 10 + 0.5, 0, 1)
+    if spec.texture == "decal":  # a disc, edge about 1 px wide
+        cu, cv = spec.texture_centre
+        return np.clip((spec.texture_period - np.hypot(u - cu, v - cv)) * 100 + 0.5, 0, 1)
     if spec.texture == "dots":
         cell = spec.texture_period
         du, dv = (u / cell) % 1.0 - 0.5, (v / cell) % 1.0 - 0.5
@@ -654,9 +767,16 @@ def write_photos(
 
 
 def write_product(
-    rng: np.random.Generator, spec: ProductSpec, cfg: StudioConfig, source: Path, truth: Path | None
+    rng: np.random.Generator,
+    spec: ProductSpec,
+    cfg: StudioConfig,
+    source: Path,
+    truth: Path | None,
+    photo_rng: np.random.Generator | None = None,
 ) -> dict:
     """Write one product's folder (videos, photos, meta.json); truth (cuts, masks) when given.
+
+    Videos come from `rng`, photos from `photo_rng` (by default `rng`, after the videos).
 
     Returns {"videos": {relative name: cut truth}, "images": [file names]}.
     """
@@ -671,6 +791,7 @@ def write_product(
         videos[f"{spec.product_id}/videos/{name}"] = write_showcase_video(
             rng, spec, cfg, folder / "videos" / name, width, height, mask_dir
         )
+    rng = rng if photo_rng is None else photo_rng
     n_images = int(rng.integers(cfg.images_per_product[0], cfg.images_per_product[1] + 1))
     views = ["front"] + sorted(rng.choice(VIEWS[1:], n_images - 1, replace=False).tolist(), key=VIEWS.index)
     ext = "jpg" if rng.uniform() < 0.6 else "png"
@@ -679,13 +800,34 @@ def write_product(
     return {"videos": videos, "images": images}
 
 
-def product_ids(cfg: StudioConfig) -> list[tuple[str, str]]:
-    """(product_id, kind) for every product: kinds cycle in a seeded order, so all appear."""
+def _kind_order(cfg: StudioConfig) -> list[str]:
     order = np.random.default_rng([cfg.seed, 0]).permutation(len(cfg.kinds))
-    kinds = [cfg.kinds[j] for j in order]
+    return [cfg.kinds[j] for j in order]
+
+
+def product_ids(cfg: StudioConfig) -> list[tuple[str, str]]:
+    """(product_id, kind) of every classic product: kinds cycle in a seeded order, so all appear."""
+    kinds = _kind_order(cfg)
     return [
         (f"{KIND_PREFIX[kinds[i % len(kinds)]]}{i + 1:04d}", kinds[i % len(kinds)]) for i in range(cfg.num_products)
     ]
+
+
+def colourway_products(cfg: StudioConfig) -> list[Colourway]:
+    """The first `cfg.num_products` products of the colourway look, shape by shape."""
+    shapes = -(-cfg.num_products // cfg.colourways)
+    return [product for index in range(shapes) for product in colourway_shape(cfg, index)][: cfg.num_products]
+
+
+def studio_products(cfg: StudioConfig) -> Iterator[tuple[ProductSpec, np.random.Generator, np.random.Generator]]:
+    """(spec, video stream, photo stream) of every product of the configured look."""
+    if cfg.look == "colourway":
+        for product in colourway_products(cfg):
+            yield product.spec, product.scene_rng(), product.photo_rng()
+        return
+    for index, (product_id, kind) in enumerate(product_ids(cfg)):
+        rng = np.random.default_rng([cfg.seed, index + 1])  # per product: ids stay stable as N grows
+        yield random_product(rng, kind, product_id), rng, rng
 
 
 def _require_empty(path: Path, what: str) -> None:
@@ -702,10 +844,9 @@ def generate_studio(source: Path, truth: Path, cfg: StudioConfig) -> dict:
     _require_empty(source, "source")
     _require_empty(truth, "truth")
     cuts, products, rows = {}, {}, []
-    for index, (product_id, kind) in enumerate(product_ids(cfg)):
-        rng = np.random.default_rng([cfg.seed, index + 1])  # per product: ids stay stable as N grows
-        spec = random_product(rng, kind, product_id)
-        written = write_product(rng, spec, cfg, source, truth)
+    for spec, rng, photo_rng in studio_products(cfg):
+        product_id, kind = spec.product_id, spec.kind
+        written = write_product(rng, spec, cfg, source, truth, photo_rng)
         cuts.update(written["videos"])
         meta = spec.meta()
         rows.append({"product_id": product_id, **meta})
@@ -748,8 +889,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--portrait-fraction", type=float, default=None, help="chance that a video is portrait")
     parser.add_argument("--tiny", action="store_true", help="small sizes for tests (256x144, 1-2 s shots)")
+    parser.add_argument("--look", choices=("classic", "colourway"), default="classic")
     args = parser.parse_args(argv)
-    overrides = {"num_products": args.products, "seed": args.seed}
+    overrides = {"num_products": args.products, "seed": args.seed, "look": args.look}
     if args.portrait_fraction is not None:
         overrides["portrait_fraction"] = args.portrait_fraction
     cfg = StudioConfig.tiny(**overrides) if args.tiny else StudioConfig(**overrides)

@@ -230,3 +230,16 @@ def test_bad_inputs_are_what_they_say(tmp_path):
         assert len(good_photos) == (2 if pid == "SHOE9012" else 3), pid
         for photo in good_photos:
             load_photo(photo)
+
+
+def test_colourway_look_shares_shape_and_videos_and_varies_colours(tmp_path):
+    cfg = StudioConfig.tiny(num_products=4, look="colourway", colourways=4, videos_per_product=(1, 1))
+    generate_studio(tmp_path / "s", tmp_path / "t", cfg)
+    products = json.loads((tmp_path / "t" / "products.json").read_text())
+    assert len(products) == 4 and len({p["kind"] for p in products.values()}) == 1
+    assert len({json.dumps(p["shape"]) for p in products.values()}) == 1
+    assert len({p["colors"]["primary"] for p in products.values()}) == 4
+    assert all(p["prompt"] == p["kind"] and p["texture"] in ("bands", "decal") for p in products.values())
+    masks = {pid: _digest(tmp_path / "t" / "masks" / pid) for pid in products}
+    assert len({json.dumps(m, sort_keys=True) for m in masks.values()}) == 1  # same shots, same true masks
+    assert StudioConfig().look == "classic"  # today's look stays the default

@@ -1,6 +1,8 @@
 """The PoC experiment of docs/poc.md: do product photos measurably put the product into the video?
 
     python -m experiments.poc dataset --products 150     # here (CPU): studio -> build-dataset
+    python -m experiments.poc render --products 1000 --workers 16   # colourway studio -> dataset (issue 14)
+    python -m experiments.poc brackets                   # gate 1 (CPU): mask-region PSNR brackets
     python -m experiments.poc gpu --deadline-s 540       # GPU: base, train A and B, evaluate both
     python -m experiments.poc step-cache                 # GPU: fast generation's quality cost on A
 
@@ -128,6 +130,20 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     dataset = commands.add_parser("dataset", help="synthetic studio -> build-dataset under data/poc (CPU)")
     dataset.add_argument("--products", type=int, default=150)
+    render = commands.add_parser("render", help="colourway studio rendered straight into data/poc/dataset, true "
+                                                "masks (experiments/poc/render.py)")
+    render.add_argument("--products", type=int, default=1000)
+    render.add_argument("--colourways", type=int, default=4)
+    render.add_argument("--seed", type=int, default=0)
+    render.add_argument("--workers", type=int, default=os.cpu_count())
+    render.add_argument("--out", type=Path, default=DATA / "dataset", help="dataset root to create (new or empty)")
+    brackets = commands.add_parser("brackets", help="gate 1: mask-region PSNR brackets on the test clips "
+                                                    "(experiments/poc/brackets.py)")
+    brackets.add_argument("--dataset", type=Path, default=DATA / "dataset")
+    brackets.add_argument("--vae", type=Path, help="VAE folder (or base folder with vae/) for the round trip")
+    brackets.add_argument("--frames", type=int, default=17)
+    brackets.add_argument("--stride", type=int, default=2)
+    brackets.add_argument("--out", type=Path, help="write the figures as JSON here")
     base = commands.add_parser("base", help="write data/poc/base (trains the VAE: GPU)")
     base.add_argument("--vae-steps", type=int, default=1500)
     base.add_argument("--vae-batch", type=int, default=8)
@@ -154,6 +170,13 @@ def main(argv: list[str] | None = None) -> None:
         from experiments.poc.dataset import build_poc_dataset
         summary = build_poc_dataset(DATA, args.products)
         print(json.dumps(summary, indent=2))
+    elif args.command == "render":
+        from experiments.poc.render import render_poc_dataset
+        print(json.dumps(render_poc_dataset(args.out, args.products, args.colourways, args.seed, args.workers),
+                         indent=2))
+    elif args.command == "brackets":
+        from experiments.poc.brackets import run_brackets
+        run_brackets(args.dataset, args.vae, args.frames, args.stride, args.out)
     elif args.command == "base":
         from experiments.poc.base import build_base
         from tasks.precompute import resolve_device
