@@ -145,15 +145,16 @@ def test_missing_or_corrupt_latents_are_named_and_recreated(first_run, dataset, 
     with pytest.raises(LatentsError, match=f"{train_rows[0]['clip_key']}.*re-run precompute"):
         TrainData.load(cfg)
     result = run_precompute(dataset, tiny_data_dir)
-    assert result["ran"] == 2
+    assert result["ran"] == len({train_rows[0]["product_id"], train_rows[1]["product_id"]})
     assert len(TrainData.load(cfg).rows) == len(train_rows)
 
 
 def test_a_clip_too_short_for_the_window_is_set_aside(first_run, dataset, tiny_data_dir):
     cfg = tiny_run_config(dataset, tiny_data_dir, ["data.frames=101"])
-    item = pq.read_table(dataset / "manifests/dataset.parquet").to_pylist()[0]
-    result = precompute_clip(item, str(dataset), LatentSpec.from_run_config(cfg))
-    assert result["rows"] == [] and result["rejects"][0]["reason_code"] == "clip_too_short"
+    product = product_items(DatasetRoot(dataset))[0]
+    result = precompute_product(product, str(dataset), LatentSpec.from_run_config(cfg))
+    assert result["rows"] == [] and len(result["rejects"]) == len(product["clips"])
+    assert result["rejects"][0]["reason_code"] == "clip_too_short"
     assert "needs 101" in result["rejects"][0]["reason"]
 
 
