@@ -82,11 +82,13 @@ def model_source(uri: str) -> ModelSource:
     return ModelSource(uri, None, None, None)
 
 
-def effective_config(model_config: RunConfig, config: str | None, dataset: str | None) -> RunConfig:
-    """The model's run config with data/evaluate/registry/mlflow from `config` and the dataset root."""
+def effective_config(model_config: RunConfig, config: str | None, dataset: str | None,
+                     overrides: list[str] = ()) -> RunConfig:
+    """The model's run config with data/evaluate/registry/mlflow from `config` (with its dotted
+    `overrides`, e.g. evaluate.product_guidance_scale=0) and the dataset root."""
     merged = model_config
     if config:
-        override = load_run_config(config)
+        override = load_run_config(config, list(overrides))
         merged = merged.model_copy(update={name: getattr(override, name)
                                            for name in ("data", "evaluate", "registry", "mlflow")})
     if dataset:
@@ -165,23 +167,26 @@ def register_evaluated(source: ModelSource, model_dir: Path, eval_run_id: str, t
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(model: str = tracking.DEFAULT_MODEL_URI, config: str | None = None, dataset: str | None = None,
-             split: str = "test", register: bool = True, train_clips: int = 4, device: str = "auto") -> dict:
-    """Evaluate `model` on `split` (+ a few train clips), report, register, promote if better."""
+             split: str = "test", register: bool = True, train_clips: int = 4, device: str = "auto",
+             overrides: list[str] = []) -> dict:
+    """Evaluate `model` on `split` (+ a few train clips), report, register, promote if better.
+    overrides: dotted key=value settings of `config` (its data/evaluate/registry/mlflow sections)."""
     bootstrap = load_run_config(config).mlflow if config else MlflowConfig()
     experiment_id = tracking.setup_mlflow(bootstrap.experiment, bootstrap.data_dir)
     source = model_source(model)  # a missing alias fails here with what to do
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:  # a downloaded model is dropped after
         model_dir = tracking.resolve_model_uri(model, scratch)
         return _evaluate_model(source, model_dir, experiment_id, config, dataset, split, register, train_clips,
-                               device)
+                               device, overrides)
 
 
 def _evaluate_model(source: ModelSource, model_dir: Path, experiment_id: str, config: str | None,
-                    dataset: str | None, split: str, register: bool, train_clips: int, device: str) -> dict:
+                    dataset: str | None, split: str, register: bool, train_clips: int, device: str,
+                    overrides: list[str]) -> dict:
     """The evaluate flow's body, on a local model folder."""
     logger, model = get_run_logger(), source.uri
     model_config = read_run_config(model_dir)
-    run_config = effective_config(model_config, config, dataset)
+    run_config = effective_config(model_config, config, dataset, overrides)
     root = str(Path(run_config.data.root).expanduser().resolve())
     split_rows(root, split)  # an empty split fails here, before a model is loaded or a run logged
     pipe, _ = load_pipeline(model_dir, device=pick_device(device))
@@ -236,10 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-clips", type=int, default=4, help="train clips generated for the train criteria")
     parser.add_argument("--no-register", dest="register", action="store_false", help="do not register the model")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of --config, e.g. evaluate.num_inference_steps=20")
     add_result_argument(parser)
     args = parser.parse_args(argv)
+    if args.overrides and not args.config:
+        parser.error("--set overrides a setting of --config: pass --config too")
     summary = evaluate(model=args.model, config=args.config, dataset=args.dataset, split=args.split,
-                       register=args.register, train_clips=args.train_clips, device=args.device)
+                       register=args.register, train_clips=args.train_clips, device=args.device,
+                       overrides=args.overrides)
     return emit_result(summary, args.result)
 
 

@@ -184,9 +184,8 @@ class ReferenceAttnProcessor(nn.Module):
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         query = apply_rotary_emb(query, freqs_cos, freqs_sin)
         key = apply_rotary_emb(key, freqs_cos, freqs_sin)
-        if self.mode == "joint":
-            valid = None if bool(reference_keys.all()) else F.pad(reference_keys, (video_len, 0), value=True)
-            out = _attend(query, key, value, valid)
+        if self.mode == "joint":  # always masked: no data-dependent branch for torch.compile
+            out = _attend(query, key, value, F.pad(reference_keys, (video_len, 0), value=True))
         else:
             out = self._gated(query, key, value, video_len, reference_keys)
         out = out.flatten(2, 3).type_as(hidden_states)

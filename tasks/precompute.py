@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -125,13 +126,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 @functools.cache
-def _encoders(spec: LatentSpec) -> tuple[ModelSpecification, object]:
-    """(model specification, its frozen encoders): loaded once per spec and process (tasks of one
-    run share them)."""
+def _encoders(spec: LatentSpec) -> tuple[ModelSpecification, object, threading.Lock]:
+    """(model specification, its frozen encoders, the lock that serialises their use): loaded once
+    per spec and process, shared by the run's task threads (Wan's VAE keeps a feature cache on the
+    module during an encode, so two threads must not encode at once)."""
     cfg = spec.resolved_model()
     model_spec = specification(cfg)
     try:
-        return model_spec, model_spec.load_encoders(resolve_device(spec.device), DTYPES[spec.dtype])
+        return model_spec, model_spec.load_encoders(resolve_device(spec.device), DTYPES[spec.dtype]), threading.Lock()
     except (OSError, ValueError) as error:
         raise SystemicError(f"cannot load the frozen encoders of {cfg.base_model} / {cfg.image_encoder}: "
                             f"{error}. Download the weights (huggingface-cli download ...) or fix "
@@ -194,10 +196,11 @@ def precompute_product(product: dict, root: str, spec: LatentSpec) -> StageResul
     """One product (its dataset rows + their content hashes, which key the cache) -> its photo
     tensors, one file per clip window, and a manifest row per window; a bad clip is a reject."""
     dataset = DatasetRoot(Path(root))
-    model_spec, encoders = _encoders(spec)
+    model_spec, encoders, encoding = _encoders(spec)
     pid = product["product_id"]
     photos = load_product_photos(dataset, product["product_images"], spec.max_product_images)
-    photo_tensors = model_spec.encode_product(encoders, photos, spec.height, spec.width)
+    with encoding:
+        photo_tensors = model_spec.encode_product(encoders, photos, spec.height, spec.width)
     photo_rel = product_rel(spec.signature, pid)
     _save(dataset, photo_rel, photo_tensors, spec)
     rows, rejects = [], []
@@ -209,7 +212,8 @@ def precompute_product(product: dict, root: str, spec: LatentSpec) -> StageResul
             rejects.append(reject_row(STAGE, item["clip_key"], error.code, str(error), pid, item["clip_id"]))
             continue
         for window, (video, mask) in enumerate(windows):
-            tensors = model_spec.encode_clip(encoders, video, mask, prompt_of(item, spec.prompt_from))
+            with encoding:
+                tensors = model_spec.encode_clip(encoders, video, mask, prompt_of(item, spec.prompt_from))
             rel = window_rel(spec.signature, pid, item["clip_key"], window)
             rows.append({"clip_key": item["clip_key"], "window": window, "product_id": pid, "clip_id": item["clip_id"],
                          "split": item["split"], "category": item["category"], "signature": spec.signature,
@@ -257,10 +261,15 @@ def precompute_latents(cfg: RunConfig) -> dict:
     root = DatasetRoot.create(cfg.data.root)
     spec = LatentSpec.from_run_config(cfg)
     task = precompute_product_task.with_options(result_storage=cache_storage(root))
+    products = product_items(root)
+    _encoders(spec)  # load once, before the threads that share them start
+    # Submitted, not called: the flow's thread pool overlaps one product's video and PNG decoding
+    # with another's encoding (a product's own steps stay in order inside its task).
+    futures = [task.submit(product=product, root=str(root.root), spec=spec) for product in products]
     rows, rejects, work = [], [], {"ran": 0, "cached": 0}
-    for product in product_items(root):
-        state = task(product=product, root=str(root.root), spec=spec, return_state=True)
-        result, cached = state.result(), state.name == "Cached"
+    for product, future in zip(products, futures):
+        future.wait()
+        result, cached = future.state.result(), future.state.name == "Cached"
         if not all(_readable(root, row) for row in result["rows"]):
             result = task.with_options(refresh_cache=True)(product=product, root=str(root.root), spec=spec)
             cached = False

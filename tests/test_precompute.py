@@ -96,7 +96,7 @@ def test_stored_tensors_are_the_specifications_encodings(first_run, dataset, tin
     root = DatasetRoot(dataset)
     video, mask = load_clip_window(root, row["video_path"], row["mask_dir"], 9, 1, 64, 96)
     assert mask.sum() > 0 and video[:, mask[0] > 0].abs().sum() > 0
-    vae = _encoders(LatentSpec.from_run_config(cfg))[1].vae
+    vae = _encoders(LatentSpec.from_run_config(cfg))[1].vae  # (spec, encoders, lock)
     expected = encode_video(vae, fill_masked(video, mask, "grey").unsqueeze(0))[0]
     folder = dataset / f"latents/{first_run['signature']}/{row['product_id']}"
     stored = load_file(folder / f"{row['clip_key']}-w0.safetensors")

@@ -1,25 +1,28 @@
-"""The PoC experiment of docs/poc.md: do product photos measurably put the product into the video?
+"""The PoC experiment of docs/poc.md (issue 14): do product photos put the product into the video,
+for products never seen in training?
 
-    python -m experiments.poc dataset --products 150     # here (CPU): studio -> build-dataset
-    python -m experiments.poc render --products 1000 --workers 16   # colourway studio -> dataset (issue 14)
-    python -m experiments.poc brackets                   # gate 1 (CPU): mask-region PSNR brackets
-    python -m experiments.poc gpu --deadline-s 540       # GPU: base, train A and B, evaluate both
-    python -m experiments.poc step-cache                 # GPU: fast generation's quality cost on A
+    python -m experiments.poc render --products 1000 --workers 16   # colourway studio -> dataset
+    python -m experiments.poc brackets [--vae data/poc/base]         # gate 1: mask-region brackets
+    python -m experiments.poc gpu --deadline-s 540                   # GPU: every step below, resumable
+    python -m experiments.poc report --mlflow-db out/mlflow.db --out docs/bench/...   # loss curves
+    python -m experiments.poc step-cache                             # GPU: fast generation's cost on A
 
-`gpu` does the next steps not yet done, each through the project's own flows in a subprocess,
-and stops before the deadline (the GPU machine allows 10 minutes a command; run it again on the
-same machine and it goes on: the train flow resumes its run from the last checkpoint):
+`gpu` does the next steps not yet done and stops before the deadline (the GPU machine allows 10
+minutes a command; run it again on the same machine and it goes on: training runs resume from
+their last checkpoint). Steps that train or evaluate go through the project's own flows
+(`python -m flows.train`, `python -m flows.evaluate`) in a subprocess:
 
-1. base: data/poc/base (experiments/poc/base.py: a Wan VAE trained on the train clips, a small
-   random Wan DiT, tiny text and image encoders);
-2. train A (full model) and B (ablation: no product photos), same data, steps and seed;
-3. evaluate A and B (test split + train clips), without registering;
-4. results.json, the MLflow database and a contact sheet under --out.
-
-Ablation B trains with every sample's product dropped (drop_product_prob 0.85 + drop_both_prob
-0.15 = 1, text dropout kept at A's 15%): its product tokens are always the null (zeros), so the
-product branch's output and the gradient of its zero-initialised gate are exactly 0 and the gate
-never opens. At evaluation B is given the photos like A, and they change nothing.
+1. render: the colourway studio straight into data/poc/dataset (true masks; experiments/poc/render.py);
+2. base: data/poc/base, the VAE trained on the windows the DiT reads and on the photos (gate 2:
+   >= 22 dB inside the mask of the test windows; experiments/poc/base.py);
+3. brackets: gate 1 with the VAE's ceiling (experiments/poc/brackets.py);
+4. overfit: gate 3, the model trained on OVERFIT_CLIPS train clips alone must reach 20 dB inside
+   the mask on them (experiments/poc/overfit.py); the experiment stops here if it does not;
+5. train A (photos as reference latents) and B (the same run with every sample's photos withheld);
+6. evaluate A and B through the evaluate flow (test split + train clips; the decision matrix);
+7. measure: A, B, A without photos and A with another product's photos on the test products
+   (experiments/poc/measure.py); results.json, the MLflow database, the measures and the contact
+   sheet under --out.
 """
 from __future__ import annotations
 
@@ -29,13 +32,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 from experiments.poc import CONFIG, DATA, RUNS
 
 TRAIN_CLIPS_EVALUATED = 16
+OVERFIT_GATE_DB = 20.0
 
 
 def run_step(name: str, command: list[str], deadline: float) -> bool:
@@ -60,6 +63,7 @@ def gpu(args) -> None:
     """The pending steps until the deadline, then what exists so far under --out (also when the
     deadline cut the run short: the GPU machine's disk goes when it is given back)."""
     state_file = DATA / "state.json"
+    DATA.mkdir(parents=True, exist_ok=True)
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     try:
         run_pending(state, state_file, args, time.monotonic() + args.deadline_s)
@@ -70,66 +74,75 @@ def gpu(args) -> None:
 def run_pending(state: dict, state_file: Path, args, deadline: float) -> None:
     py = sys.executable
 
-    def record(key: str, result: Path) -> None:
-        state[key] = json.loads(result.read_text())
+    def record(key: str, value: dict) -> None:
+        state[key] = value
         state_file.write_text(json.dumps(state, indent=2) + "\n")
 
-    if "base" not in state:
-        if not run_step("base", [py, "-m", "experiments.poc", "base", "--vae-steps", str(args.vae_steps),
-                                 "--vae-batch", str(args.vae_batch)], deadline):
-            return
-        record("base", DATA / "base.json")
+    def step(key: str, command: list[str], result: Path) -> bool:
+        if key in state:
+            return True
+        if not run_step(key, command, deadline):
+            return False
+        record(key, json.loads(result.read_text()))
+        return True
+
+    if "render" not in state:
+        from experiments.poc.render import render_poc_dataset
+        record("render", render_poc_dataset(DATA / "dataset", args.products, seed=args.seed, workers=os.cpu_count()))
+    base = [py, "-m", "experiments.poc", "base", "--config", args.config, "--vae-steps", str(args.vae_steps),
+            "--vae-batch", str(args.vae_batch)]
+    if not step("base", base, DATA / "base.json"):
+        return
+    brackets = [py, "-m", "experiments.poc", "brackets", "--vae", str(DATA / "base"), "--out", str(DATA / "brackets.json")]
+    if not step("brackets", brackets, DATA / "brackets.json"):
+        return
+    overfit = [py, "-m", "experiments.poc", "overfit", "--config", args.config, "--out", str(DATA / "overfit.json")] + \
+        [part for item in args.set for part in ("--set", item)]
+    if not step("overfit", overfit, DATA / "overfit.json"):
+        return
+    if state["overfit"]["psnr_mask_db"] < OVERFIT_GATE_DB and not args.past_gates:
+        print(f"[poc] gate 3 failed: {state['overfit']['psnr_mask_db']:.2f} dB < {OVERFIT_GATE_DB} dB inside the "
+              "mask on the overfit clips; fix the model before any long run (--past-gates to go on anyway)", flush=True)
+        return
     for label, overrides in RUNS.items():
-        if f"train_{label}" in state:
-            continue
-        result = DATA / f"train_{label}.json"
-        command = [py, "-m", "flows.train", "--config", CONFIG, "--result", str(result)]
-        for item in overrides + args.set:
+        command = [py, "-m", "flows.train", "--config", args.config, "--result", str(DATA / f"train_{label}.json")]
+        for item in overrides["train"] + args.set:
             command += ["--set", item]
-        if not run_step(f"train {label}", command, deadline):
+        if not step(f"train_{label}", command, DATA / f"train_{label}.json"):
             return
-        record(f"train_{label}", result)
-    for label in RUNS:
-        if f"evaluate_{label}" in state:
-            continue
-        result = DATA / f"evaluate_{label}.json"
-        command = [py, "-m", "flows.evaluate", "--model", state[f"train_{label}"]["model_uri"], "--config", CONFIG,
-                   "--no-register", "--train-clips", str(TRAIN_CLIPS_EVALUATED), "--result", str(result)]
-        if not run_step(f"evaluate {label}", command, deadline):
+    for label, overrides in RUNS.items():
+        command = [py, "-m", "flows.evaluate", "--model", state[f"train_{label}"]["model_uri"], "--config", args.config,
+                   "--no-register", "--train-clips", str(TRAIN_CLIPS_EVALUATED),
+                   "--result", str(DATA / f"evaluate_{label}.json")]
+        for item in overrides["evaluate"]:
+            command += ["--set", item]
+        if not step(f"evaluate_{label}", command, DATA / f"evaluate_{label}.json"):
             return
-        record(f"evaluate_{label}", result)
+    measure = [py, "-m", "experiments.poc", "measure", "--config", args.config, "--out", str(DATA / "measures"),
+               *(f"--{label}={state[f'train_{label}']['model_uri']}" for label in RUNS)]
+    step("measure", measure, DATA / "measures" / "poc-measures.json")
 
 
 def collect(state: dict, out: Path) -> None:
-    """results.json, the MLflow database, one archive of what there is to look at (the evaluated
-    videos with their per-clip metrics, the training runs' sample sheets) and, once both runs are
-    evaluated, the contact sheet. (The GPU tool brings back at most 8 files.)"""
-    from experiments.poc.sheet import contact_sheet_png
-
+    """results.json, the MLflow database and what there is to look at (at most 8 files: the GPU
+    tool's limit)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
     database = Path("data/mlflow/mlflow.db")
     if database.is_file():
         shutil.copy(database, out / "mlflow.db")
-    with tarfile.open(out / "outputs.tar.gz", "w:gz") as archive:
-        for label in RUNS:
-            if f"evaluate_{label}" in state:
-                archive.add(state[f"evaluate_{label}"]["folder"], arcname=f"evaluate_{label}")
-            if f"train_{label}" in state:
-                samples = Path(state[f"train_{label}"]["run_dir"]) / "samples"
-                if samples.is_dir():
-                    archive.add(samples, arcname=f"samples_{label}", filter=lambda t: None if t.name.endswith(".mp4") else t)
-    if all(f"evaluate_{label}" in state for label in RUNS):
-        contact_sheet_png(DATA / "dataset", {label: Path(state[f"evaluate_{label}"]["folder"]) for label in RUNS},
-                          out / "poc-contact-sheet.png")
+    for name in ("poc-measures-per-clip.jsonl", "poc-contact-sheet.png"):
+        if (DATA / "measures" / name).is_file():
+            shutil.copy(DATA / "measures" / name, out / name)
+    samples = sorted(Path(state["train_A"]["run_dir"]).glob("samples/*.png")) if "train_A" in state else []
+    if samples:
+        shutil.copy(samples[-1], out / "samples-A-final.png")
     print(f"[poc] results so far in {out}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    dataset = commands.add_parser("dataset", help="synthetic studio -> build-dataset under data/poc (CPU)")
-    dataset.add_argument("--products", type=int, default=150)
     render = commands.add_parser("render", help="colourway studio rendered straight into data/poc/dataset, true "
                                                 "masks (experiments/poc/render.py)")
     render.add_argument("--products", type=int, default=1000)
@@ -147,6 +160,18 @@ def main(argv: list[str] | None = None) -> None:
     base = commands.add_parser("base", help="write data/poc/base (trains the VAE: GPU)")
     base.add_argument("--vae-steps", type=int, default=1500)
     base.add_argument("--vae-batch", type=int, default=8)
+    base.add_argument("--config", default=CONFIG)
+    overfit = commands.add_parser("overfit", help="gate 3: train on a few train clips, measure on them")
+    overfit.add_argument("--clips", type=int, default=8)
+    overfit.add_argument("--steps", type=int, default=300)
+    overfit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    overfit.add_argument("--out", type=Path, default=DATA / "overfit.json")
+    overfit.add_argument("--config", default=CONFIG)
+    measure = commands.add_parser("measure", help="issue 14's measures of runs A and B on the test products")
+    for label in RUNS:
+        measure.add_argument(f"--{label}", required=True, help=f"model URI of run {label}")
+    measure.add_argument("--out", type=Path, default=DATA / "measures")
+    measure.add_argument("--config", default=CONFIG)
     report = commands.add_parser("report", help="loss curves, table and plot from a run's MLflow database")
     report.add_argument("--mlflow-db", required=True)
     report.add_argument("--out", required=True)
@@ -159,18 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     cache.add_argument("--out", default=os.environ.get("OUT", "data/poc/out"))
     run = commands.add_parser("gpu", help="the next steps of the experiment, until the deadline")
     run.add_argument("--deadline-s", type=float, default=540)
+    run.add_argument("--products", type=int, default=1000)
+    run.add_argument("--seed", type=int, default=0)
     run.add_argument("--vae-steps", type=int, default=1500)
     run.add_argument("--vae-batch", type=int, default=8)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override for both training runs, e.g. train.stage2.max_steps=2000")
+                     help="override for the overfit run and both training runs, e.g. train.stage1.max_steps=2000")
+    run.add_argument("--past-gates", action="store_true", help="train A and B even if the overfit gate fails")
     run.add_argument("--out", default=os.environ.get("OUT", "data/poc/out"))
+    run.add_argument("--config", default=CONFIG, help="the run config of every step (a copy with fewer steps for a dry run)")
     args = parser.parse_args(argv)
 
-    if args.command == "dataset":
-        from experiments.poc.dataset import build_poc_dataset
-        summary = build_poc_dataset(DATA, args.products)
-        print(json.dumps(summary, indent=2))
-    elif args.command == "render":
+    if args.command == "render":
         from experiments.poc.render import render_poc_dataset
         print(json.dumps(render_poc_dataset(args.out, args.products, args.colourways, args.seed, args.workers),
                          indent=2))
@@ -181,10 +206,21 @@ def main(argv: list[str] | None = None) -> None:
         from experiments.poc.base import build_base
         from tasks.precompute import resolve_device
         from tasks.run_config import load_run_config
-        d = load_run_config(CONFIG).data
+        d = load_run_config(args.config).data
         info = build_base(DATA / "base", DATA / "dataset", d.frames, d.frame_stride, d.height, d.width,
                           vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_lr=3e-4, device=resolve_device("auto").type)
         (DATA / "base.json").write_text(json.dumps(info, indent=2) + "\n")
+    elif args.command == "overfit":
+        from experiments.poc.overfit import run_overfit
+        result = run_overfit(DATA / "dataset", DATA / "overfit", args.clips, args.steps, args.set, args.config)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    elif args.command == "measure":
+        from experiments.poc.measure import measure as measure_runs
+        from tasks.precompute import resolve_device
+        from tasks.run_config import load_run_config
+        result = measure_runs({label: getattr(args, label) for label in RUNS}, DATA / "dataset", load_run_config(args.config),
+                              args.out, device=resolve_device("auto").type)
+        print(json.dumps(result, indent=2))
     elif args.command == "step-cache":
         from experiments.poc.step_cache import measure_step_cache
         result = DATA / "train_A.json"

@@ -1,11 +1,14 @@
 """The PoC's base model folder, laid out like Wan-AI/Wan2.1-T2V-1.3B-Diffusers, so the project's
 config, train and evaluate flows load it exactly as they load the real one.
 
-- vae/: an AutoencoderKLWan trained here on the train split's clips. The pretrained Wan VAE
-  cannot be downloaded, and no fixed map is invertible in Wan's latent layout (16 channels for
-  4 x 8 x 8 x 3 = 768 pixel values per latent cell), which the model code relies on. So a small
-  Wan VAE (same class, narrower) learns this data; its latents_mean/std are measured on the train
-  clips, as Wan's per-channel statistics are, so normalised latents are about N(0, 1).
+- vae/: an AutoencoderKLWan trained here on the windows the DiT reads (data.frames frames every
+  data.frame_stride-th, random spatial crops of them for speed: the VAE is convolutional) and on
+  the product photos on their grey canvas (one frame each, as reference latents are encoded). The
+  pretrained Wan VAE cannot be downloaded, and no fixed map is invertible in Wan's latent layout
+  (16 channels for 4 x 8 x 8 x 3 = 768 pixel values per latent cell), which the model code relies
+  on. So a small Wan VAE (same class, narrower) learns this data; its latents_mean/std are
+  measured on the train windows, as Wan's per-channel statistics are, so normalised latents are
+  about N(0, 1). Gate 2 (issue 14): its round trip inside the mask of the test windows.
 - transformer/: a small WanTransformer3DModel (same code as 1.3B, fewer and narrower layers),
   randomly initialised: the PoC trains it from scratch.
 - text_encoder/, tokenizer/: the tiny random UMT5 of models/tiny.py (frozen, as UMT5-XXL is).
@@ -25,11 +28,13 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from models.metrics import psnr
-from models.pipeline import make_scheduler
+from models.pipeline import make_scheduler, photo_canvas
 from models.tiny import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
 from storage.layout import DatasetRoot
-from tasks.precompute import load_clip_window
+from tasks.precompute import load_clip_window, load_product_photos
 
+PHOTO_EVERY = 4  # every 4th VAE step trains on photo canvases (single frames) instead of video windows
+CROP = (64, 96)  # spatial crop of the video windows while training the VAE
 CLIP_IMAGE_SIZE = 64
 DIT = dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=64, in_channels=16, out_channels=16,
            text_dim=TINY_TEXT_DIM, freq_dim=256, ffn_dim=1536, num_layers=8, cross_attn_norm=True,
@@ -37,19 +42,30 @@ DIT = dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=64, i
 VAE = dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True])
 
 
-def train_clips(dataset: Path, frames: int, stride: int, height: int, width: int) -> torch.Tensor:
-    """(N, 3, frames, H, W) in [0, 1]: a window of every train-split clip of the dataset."""
+def split_windows(dataset: Path, split: str, frames: int, stride: int, height: int, width: int,
+                  limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(videos (N, 3, frames, H, W) in [0, 1], masks (N, 1, frames, H, W)): the first window of
+    each clip of `split` (at most `limit`)."""
+    root = DatasetRoot(dataset.resolve())
+    rows = [r for r in root.read_manifest("dataset").to_pylist() if r["split"] == split][:limit]
+    windows = [load_clip_window(root, r["video_path"], r["mask_dir"], frames, stride, height, width) for r in rows]
+    return torch.stack([w[0] for w in windows]), torch.stack([w[1] for w in windows])
+
+
+def photo_canvases(dataset: Path, height: int, width: int, limit: int = 2000) -> torch.Tensor:
+    """(N, 3, 1, H, W): train products' photos on the grey canvas reference latents are encoded on."""
     root = DatasetRoot(dataset.resolve())
     rows = [r for r in root.read_manifest("dataset").to_pylist() if r["split"] == "train"]
-    windows = [load_clip_window(root, r["video_path"], r["mask_dir"], frames, stride, height, width)[0] for r in rows]
-    return torch.stack(windows)
+    photos = [p for r in rows for p in load_product_photos(root, r["product_images"], 4)][:limit]
+    return torch.stack([photo_canvas(p, height, width) for p in photos]).unsqueeze(2)
 
 
-def train_vae(clips: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float, device: str,
-              seed: int = 0, window: int = 9, log=print) -> AutoencoderKLWan:
-    """Train a small AutoencoderKLWan on random `window`-frame crops of clips (N, 3, T, H, W) in
-    [0, 1]: L1 + MSE reconstruction + a small KL (the VAE must stay a VAE: diffusion reads
-    latent_dist.mode()), AdamW, warm-up then cosine. The VAE is causal, so a window may start anywhere."""
+def train_vae(clips: torch.Tensor, photos: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float,
+              device: str, seed: int = 0, log=print) -> AutoencoderKLWan:
+    """Train a small AutoencoderKLWan on random CROP crops of whole windows (N, 3, T, H, W) in
+    [0, 1], every PHOTO_EVERY-th step on photo canvases (N, 3, 1, H, W): L1 + MSE reconstruction +
+    a small KL (the VAE must stay a VAE: diffusion reads latent_dist.mode()), AdamW, warm-up then
+    cosine."""
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(**VAE).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -58,8 +74,13 @@ def train_vae(clips: torch.Tensor, steps: int, batch_size: int, lr: float, kl_we
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     for step in range(steps):
-        start = int(torch.randint(clips.shape[2] - window + 1, (1,), generator=generator))
-        picked = clips[torch.randint(len(clips), (batch_size,), generator=generator), :, start:start + window]
+        if step % PHOTO_EVERY == PHOTO_EVERY - 1:
+            picked = photos[torch.randint(len(photos), (2 * batch_size,), generator=generator)]
+        else:
+            top = int(torch.randint(clips.shape[3] - CROP[0] + 1, (1,), generator=generator)) // 8 * 8
+            left = int(torch.randint(clips.shape[4] - CROP[1] + 1, (1,), generator=generator)) // 8 * 8
+            picked = clips[torch.randint(len(clips), (batch_size,), generator=generator), :, :,
+                           top:top + CROP[0], left:left + CROP[1]]
         x = picked.to(device) * 2 - 1
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             posterior = vae.encode(x).latent_dist
@@ -84,30 +105,51 @@ def _unit(video: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def measure_latent_stats(vae: AutoencoderKLWan, clips: torch.Tensor, device: str) -> tuple[list, list, float]:
-    """(per-channel mean, per-channel std of latent_dist.mode(), reconstruction PSNR) over clips."""
-    latents, errors = [], []
-    for chunk in clips.split(2):
-        x = chunk.to(device) * 2 - 1
-        z = vae.encode(x).latent_dist.mode()
-        recon = vae.decode(z).sample.clamp(-1, 1)
-        latents.append(z.float().transpose(0, 1).reshape(z.shape[1], -1).cpu())
-        errors.append(((recon.float() - x) / 2).pow(2).mean().item())
-    z = torch.cat(latents, dim=1)
-    return z.mean(dim=1).tolist(), z.std(dim=1).tolist(), float(10 * np.log10(1 / np.mean(errors)))
+def round_trip(vae: AutoencoderKLWan, clips: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent_dist.mode() per clip, reconstructions in [0, 1]) of clips (N, 3, T, H, W) in [0, 1]."""
+    latents, recons = [], []
+    for chunk in clips.split(8):
+        z = vae.encode(chunk.to(device) * 2 - 1).latent_dist.mode()
+        recons.append(((vae.decode(z).sample.float().clamp(-1, 1) + 1) / 2).cpu())
+        latents.append(z.float().cpu())
+    return torch.cat(latents), torch.cat(recons)
+
+
+def _frames(video: torch.Tensor) -> np.ndarray:
+    """(N, 3, T, H, W) -> (N*T, H, W, 3), the layout models.metrics measures."""
+    return video.permute(0, 2, 3, 4, 1).reshape(-1, *video.shape[3:], 3).numpy()
+
+
+def measure_vae(vae: AutoencoderKLWan, train: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
+                device: str) -> dict:
+    """Per-channel latent statistics on the train windows; round-trip PSNR on the train windows,
+    and on the test windows both whole and inside the mask (per clip, then the mean)."""
+    z, train_recon = round_trip(vae, train, device)
+    channels = z.transpose(0, 1).reshape(z.shape[1], -1)
+    videos, masks = test
+    _, test_recon = round_trip(vae, videos, device)
+    mask_psnr = [psnr(_frames(test_recon[i:i + 1]), _frames(videos[i:i + 1]), _frames(masks[i:i + 1])[..., 0] > 0.5)
+                 for i in range(len(videos))]
+    return {"latents_mean": channels.mean(dim=1).tolist(), "latents_std": channels.std(dim=1).tolist(),
+            "vae_psnr_db": psnr(_frames(train_recon), _frames(train)),
+            "vae_test_psnr_db": psnr(_frames(test_recon), _frames(videos)),
+            "vae_test_mask_psnr_db": float(np.mean(mask_psnr)), "vae_test_mask_psnr_min_db": float(np.min(mask_psnr))}
 
 
 def build_base(folder: Path, dataset: Path, frames: int, stride: int, height: int, width: int, vae_steps: int,
                vae_batch: int, vae_lr: float, seed: int = 0, device: str = "cuda", log=print) -> dict:
-    """Write the base model folder; returns {vae_psnr_db, vae_seconds, train_clips}."""
-    clips = train_clips(dataset, frames, stride, height, width)
-    log(f"vae: {len(clips)} train clips of {tuple(clips.shape[1:])}")
+    """Write the base model folder; returns measure_vae's figures + {vae_seconds, train_clips}."""
+    clips, _ = split_windows(dataset, "train", frames, stride, height, width, limit=400)
+    test = split_windows(dataset, "test", frames, stride, height, width)
+    photos = photo_canvases(dataset, height, width)
+    log(f"vae: {len(clips)} train windows of {tuple(clips.shape[1:])}, {len(photos)} photo canvases")
     started = time.perf_counter()
-    vae = train_vae(clips, vae_steps, vae_batch, vae_lr, kl_weight=1e-6, device=device, seed=seed, log=log)
+    vae = train_vae(clips, photos, vae_steps, vae_batch, vae_lr, kl_weight=1e-6, device=device, seed=seed, log=log)
     seconds = time.perf_counter() - started
-    mean, std, vae_psnr = measure_latent_stats(vae, clips, device)
-    vae.register_to_config(latents_mean=mean, latents_std=std)
-    log(f"vae: reconstruction {vae_psnr:.2f} dB on the train clips after {seconds:.0f} s")
+    figures = measure_vae(vae, clips, test, device)
+    vae.register_to_config(latents_mean=figures.pop("latents_mean"), latents_std=figures.pop("latents_std"))
+    log(f"vae: {figures['vae_psnr_db']:.2f} dB on the train windows, {figures['vae_test_mask_psnr_db']:.2f} dB "
+        f"inside the mask of the test windows (gate 2: >= 22), after {seconds:.0f} s")
 
     root = DatasetRoot.create(folder)
     with root.atomic_dir("vae") as tmp:
@@ -128,4 +170,4 @@ def build_base(folder: Path, dataset: Path, frames: int, stride: int, height: in
                            crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}).save_pretrained(tmp)
     with root.atomic_dir("scheduler") as tmp:
         make_scheduler("unipc", 3.0).save_pretrained(tmp)
-    return {"vae_psnr_db": vae_psnr, "vae_seconds": seconds, "train_clips": len(clips)}
+    return figures | {"vae_seconds": seconds, "train_clips": len(clips)}

@@ -20,7 +20,7 @@ SMOOTHING = 50  # steps in the plot's running mean
 
 def training_runs(client: MlflowClient) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
     """{run name: (run id, steps, loss)} of the PoC's training runs (named by train.run_name)."""
-    names = {override.split("=", 1)[1] for overrides in RUNS.values() for override in overrides
+    names = {override.split("=", 1)[1] for overrides in RUNS.values() for override in overrides["train"]
              if override.startswith("train.run_name=")}
     found = {}
     for experiment in client.search_experiments():
