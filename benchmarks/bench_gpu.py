@@ -48,7 +48,8 @@ from models.config import ObjectiveConfig, SamplerConfig
 from models.objective import flow_matching_loss
 from models.pipeline import ProductVideoPipeline, decode_latents, encode_video, make_scheduler
 from models.product_encoder import ProductEncoder
-from models.training_stages import set_training_stage
+from models.config import ModelConfig
+from models.spec import set_trainable, specification
 from models.transformer import ProductVideoGenerator, ProductWanTransformer, pack_mask
 
 WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -60,6 +61,9 @@ CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32
                   image_size=224, patch_size=14, hidden_act="gelu")
 POC_ADAPTER = dict(num_product_tokens=64, product_hidden_dim=1024, product_num_heads=16, product_attention_heads=4)
 TINY_ADAPTER = dict(num_product_tokens=8, product_hidden_dim=32, product_num_heads=4, product_attention_heads=1)
+# The benchmark's model is the CLIP product path (reference: clip), built from shapes; its
+# specification decides what trains (no base folder is read).
+CLIP_SPEC = specification(ModelConfig(base_model="unused", image_encoder="unused", reference="clip"))
 
 # (label, checkpointing, attention, compile): the training levers, one added per row.
 TRAIN_PATHS = [("ours plain", "full", "default", False), ("+ cudnn attention", "full", "cudnn", False),
@@ -199,7 +203,7 @@ class Bench:
         tokens = torch.randn(batch, self.num_images, tokens_per_image, dim, device=self.device, generator=generator)
         return {"latents": self.latents(batch), "masked_latents": self.latents(batch, seed=4),
                 "packed_mask": pack_mask(self.pixel_mask(batch), self.latent[1:]), "text_embeds": self.text(batch),
-                "image_tokens": tokens, "image_mask": torch.ones(batch, self.num_images, dtype=torch.bool,
+                "image_tokens": tokens, "photo_mask": torch.ones(batch, self.num_images, dtype=torch.bool,
                                                                   device=self.device)}
 
     def clip_inputs(self):
@@ -235,7 +239,7 @@ def train_case(b: Bench, label: str, batch_size: int, checkpointing: str, attent
     `reference` is None (to check later paths against them)."""
     b.fresh_memory()
     model = b.generator().train()
-    trainable = set_training_stage(model, 2)
+    trainable = set_trainable(model, CLIP_SPEC.trainable_names(model, "full"))
     speed.apply_training_speed(model.transformer, checkpointing, compile_blocks, b.device)
     parameters = [p for n, p in model.named_parameters() if n in trainable]
     batch, objective = b.training_batch(batch_size), ObjectiveConfig()
@@ -244,7 +248,7 @@ def train_case(b: Bench, label: str, batch_size: int, checkpointing: str, attent
     def loss_and_backward():
         with speed.attention(attention, b.device):
             with autocast:
-                loss = flow_matching_loss(model, batch, objective, torch.Generator(b.device).manual_seed(0))
+                loss = flow_matching_loss(CLIP_SPEC, model, batch, objective, torch.Generator(b.device).manual_seed(0))
             loss.backward()
         return loss
 

@@ -14,22 +14,23 @@ import torch
 
 import benchmarks.bench_gpu as bench
 from models import speed
+from benchmarks.bench_gpu import CLIP_SPEC
 from models.config import ObjectiveConfig
 from models.objective import flow_matching_loss
-from models.training_stages import set_training_stage
+from models.spec import set_trainable
 
 
 def gradients(b: bench.Bench, batch_size: int, checkpoint_function=None) -> dict[str, torch.Tensor]:
     torch._dynamo.reset()
     model = b.generator().train()
-    trainable = set_training_stage(model, 2)
+    trainable = set_trainable(model, CLIP_SPEC.trainable_names(model, "full"))
     if checkpoint_function is not None:
         model.transformer.wan.enable_gradient_checkpointing(torch.compile(checkpoint_function))
     batch = b.training_batch(batch_size)
     for _ in range(2):  # the second step: compiled code, warm
         model.zero_grad(set_to_none=True)
         with torch.autocast(b.device, dtype=torch.bfloat16, enabled=b.cuda):
-            loss = flow_matching_loss(model, batch, ObjectiveConfig(), torch.Generator(b.device).manual_seed(0))
+            loss = flow_matching_loss(CLIP_SPEC, model, batch, ObjectiveConfig(), torch.Generator(b.device).manual_seed(0))
         loss.backward()
     return {name: p.grad.float().cpu() for name, p in model.named_parameters() if name in trainable}
 

@@ -109,7 +109,7 @@ def assert_same_weights(folder, reference_folder):
     found, _ = load_model_folder(folder)
     expected, _ = load_model_folder(reference_folder)
     expected_weights = expected.state_dict()
-    gate = "transformer.wan.blocks.0.attn2.processor.gate"
+    gate = "transformer.wan.blocks.0.attn1.processor.gate"
     assert expected_weights[gate].abs().sum() > 0  # the reference trained (the gates start at 0)
     for name, weight in found.state_dict().items():
         torch.testing.assert_close(weight, expected_weights[name], **TOLERANCE, msg=lambda m: f"{name}: {m}")

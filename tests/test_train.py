@@ -64,8 +64,9 @@ def test_both_stages_train_and_mlflow_has_params_metrics_and_artifacts(trained, 
     stages = {m.step: m.value for m in client.get_metric_history(trained["run_id"], "stage")}
     assert stages == {1: 1.0, 2: 1.0, 3: 2.0, 4: 2.0}
     assert {"lr", "throughput_samples_per_s"} <= set(run.data.metrics)
-    gates = [m.value for m in client.get_metric_history(trained["run_id"], "product_gate_abs_mean")]
+    gates = [m.value for m in client.get_metric_history(trained["run_id"], "reference_gate_abs_mean")]
     assert len(gates) == 4 and gates[-1] > 0  # the gates start at 0 and open as the adapter trains
+    assert {"loss_inside_mask", "loss_outside_mask"} <= set(run.data.metrics)
     assert any(name.startswith("system/") for name in run.data.metrics), "no system metrics logged"
     logged = artifacts(client, trained["run_id"])
     assert {"samples/stage1-epoch001.mp4", "samples/stage1-epoch001.png", "samples/stage2-epoch001.mp4",
@@ -78,7 +79,7 @@ def test_the_logged_model_folder_loads_with_the_trained_weights(trained, tiny_da
     local, _ = load_model_folder(trained["model_dir"])
     card = read_model_card(trained["model_dir"])
     assert (card["stage"], card["step"], card["adapter_only"]) == (2, 4, False) and cfg.name == "tiny"
-    gate = "transformer.wan.blocks.0.attn2.processor.gate"
+    gate = "transformer.wan.blocks.0.attn1.processor.gate"
     assert torch.equal(generator.state_dict()[gate], local.state_dict()[gate])
     assert generator.state_dict()[gate].abs().sum() > 0  # the gates moved: the adapter trained
 

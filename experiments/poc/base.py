@@ -35,6 +35,7 @@ from tasks.precompute import load_clip_window, load_product_photos
 
 PHOTO_EVERY = 4  # every 4th VAE step trains on photo canvases (single frames) instead of video windows
 CROP = (64, 96)  # spatial crop of the video windows while training the VAE
+STATS_WINDOWS = 64  # train windows the latent statistics and the train PSNR are measured on
 CLIP_IMAGE_SIZE = 64
 DIT = dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=64, in_channels=16, out_channels=16,
            text_dim=TINY_TEXT_DIM, freq_dim=256, ffn_dim=1536, num_layers=8, cross_attn_norm=True,
@@ -116,14 +117,15 @@ def round_trip(vae: AutoencoderKLWan, clips: torch.Tensor, device: str) -> tuple
 
 
 def _frames(video: torch.Tensor) -> np.ndarray:
-    """(N, 3, T, H, W) -> (N*T, H, W, 3), the layout models.metrics measures."""
-    return video.permute(0, 2, 3, 4, 1).reshape(-1, *video.shape[3:], 3).numpy()
+    """(N, C, T, H, W) -> (N*T, H, W, C), the layout models.metrics measures."""
+    return video.permute(0, 2, 3, 4, 1).reshape(-1, *video.shape[3:], video.shape[1]).numpy()
 
 
 def measure_vae(vae: AutoencoderKLWan, train: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
                 device: str) -> dict:
     """Per-channel latent statistics on the train windows; round-trip PSNR on the train windows,
     and on the test windows both whole and inside the mask (per clip, then the mean)."""
+    train = train[:STATS_WINDOWS]
     z, train_recon = round_trip(vae, train, device)
     channels = z.transpose(0, 1).reshape(z.shape[1], -1)
     videos, masks = test
