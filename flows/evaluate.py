@@ -38,7 +38,7 @@ from models import metrics as m
 from storage import tracking
 from storage.hashing import sha256_json
 from tasks.evaluate import evaluate_split_task, split_rows, training_data_hashes
-from tasks.model_store import load_pipeline, read_model_card, read_run_config
+from tasks.model_store import is_base_model, load_pipeline, read_model_card, read_run_config, resolve_model
 from tasks.report import publish_poc_report
 from tasks.run_config import MlflowConfig, RunConfig, load_run_config
 
@@ -168,16 +168,47 @@ def register_evaluated(source: ModelSource, model_dir: Path, eval_run_id: str, t
 @flow(name="evaluate", log_prints=True)
 def evaluate(model: str = tracking.DEFAULT_MODEL_URI, config: str | None = None, dataset: str | None = None,
              split: str = "test", register: bool = True, train_clips: int = 4, device: str = "auto",
-             overrides: list[str] = []) -> dict:
+             overrides: list[str] = [], baseline: str | None = None) -> dict:
     """Evaluate `model` on `split` (+ a few train clips), report, register, promote if better.
-    overrides: dotted key=value settings of `config` (its data/evaluate/registry/mlflow sections)."""
+
+    model: a models:/ or runs:/ URI, a model folder, or `base:<run config>` (the untrained model
+    of a config, e.g. zero-shot VACE: never registered). overrides: dotted key=value settings of
+    `config` (its data/evaluate/registry/mlflow sections). baseline: another model evaluated on
+    the same split with the same settings (not registered), reported side by side."""
     bootstrap = load_run_config(config).mlflow if config else MlflowConfig()
     experiment_id = tracking.setup_mlflow(bootstrap.experiment, bootstrap.data_dir)
+    logger = get_run_logger()
+    if register and is_base_model(model):
+        logger.info("%s is an untrained base model: evaluated, not registered", model)
+        register = False
+    summary = _evaluate_uri(model, experiment_id, config, dataset, split, register, train_clips, device, overrides)
+    if baseline is not None:
+        other = _evaluate_uri(baseline, experiment_id, config, dataset, split, False, 0, device, overrides)
+        create_table_artifact(comparison_table(summary, other, split), key="evaluation-comparison",
+                              description=f"{model} and the baseline {baseline} on the {split} split")
+        summary["baseline"] = other
+    return summary
+
+
+def _evaluate_uri(model: str, experiment_id: str, config: str | None, dataset: str | None, split: str,
+                  register: bool, train_clips: int, device: str, overrides: list[str]) -> dict:
     source = model_source(model)  # a missing alias fails here with what to do
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:  # a downloaded model is dropped after
-        model_dir = tracking.resolve_model_uri(model, scratch)
+        model_dir = resolve_model(model, scratch)
         return _evaluate_model(source, model_dir, experiment_id, config, dataset, split, register, train_clips,
                                device, overrides)
+
+
+def comparison_table(summary: dict, baseline: dict, split: str) -> list[dict]:
+    """One row per metric of `split`: the model's value, the baseline's, and their difference."""
+    ours, theirs = summary["metrics"][split], baseline["metrics"][split]
+    rows = []
+    for name in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(name), theirs.get(name)
+        rows.append({"metric": name, summary["model"]: "unavailable" if a is None else f"{a:.4g}",
+                     baseline["model"]: "unavailable" if b is None else f"{b:.4g}",
+                     "difference": "—" if a is None or b is None else f"{a - b:+.4g}"})
+    return rows
 
 
 def _evaluate_model(source: ModelSource, model_dir: Path, experiment_id: str, config: str | None,
@@ -234,7 +265,8 @@ def _evaluate_model(source: ModelSource, model_dir: Path, experiment_id: str, co
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Evaluate a model, write the PoC report, register it.")
-    parser.add_argument("--model", default=tracking.DEFAULT_MODEL_URI, help="models:/, runs:/ URI or model folder")
+    parser.add_argument("--model", default=tracking.DEFAULT_MODEL_URI,
+                        help="models:/, runs:/ URI, model folder or base:<run config> (the untrained model)")
     parser.add_argument("--config", default=None, help="run config whose data/evaluate/registry/mlflow sections apply")
     parser.add_argument("--dataset", default=None, help="dataset root (default: the config's data.root)")
     parser.add_argument("--split", default="test")
@@ -243,13 +275,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of --config, e.g. evaluate.num_inference_steps=20")
+    parser.add_argument("--baseline", default=None,
+                        help="another model reported side by side, e.g. base:configs/vace-1.3b.yaml (zero-shot VACE)")
     add_result_argument(parser)
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         parser.error("--set overrides a setting of --config: pass --config too")
     summary = evaluate(model=args.model, config=args.config, dataset=args.dataset, split=args.split,
                        register=args.register, train_clips=args.train_clips, device=args.device,
-                       overrides=args.overrides)
+                       overrides=args.overrides, baseline=args.baseline)
     return emit_result(summary, args.result)
 
 

@@ -109,9 +109,18 @@ def save_tiny_vace_components(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def save_tiny(folder: str | Path, backend: str) -> Path:
+    """The tiny components of a backend (models/spec.py): product (a Wan T2V folder + CLIP) or vace."""
+    return save_tiny_vace_components(folder) if backend == "vace" else save_tiny_components(folder)
+
+
+def tiny_folder_name(backend: str) -> str:
+    return TINY if backend == "product" else f"{TINY}-{backend}"
+
+
 def materialize_tiny(cfg: ModelConfig, folder: str | Path) -> ModelConfig:
     """For a `base_model: tiny` config, save tiny components to `folder` and point the config at it."""
     if cfg.base_model != TINY:
         return cfg
-    save_tiny_components(folder)
+    save_tiny(folder, cfg.backend)
     return cfg.model_copy(update={"base_model": str(folder), "image_encoder": str(folder)})

@@ -26,10 +26,10 @@ import yaml
 
 from models.config import TINY, ModelConfig
 from models.spec import specification
-from models.tiny import save_tiny_components
+from models.tiny import save_tiny, tiny_folder_name
 from storage.layout import DatasetRoot
 from storage.tracking import resolve_model_uri
-from tasks.run_config import RunConfig, run_config_from_dict
+from tasks.run_config import RunConfig, load_run_config, run_config_from_dict
 
 RUN_CONFIG_NAME = "run_config.yaml"
 GENERATOR_DIR = "generator"
@@ -42,20 +42,27 @@ ARCHITECTURE_FIELDS = ("backend", "base_model", "image_encoder", "reference", "r
                        "inject_layers", "product_attention_heads", "mask_packing")
 
 
+# `base:<run config YAML>` names the model a run config describes before any training: zero-shot
+# VACE (its LoRA at zero), or the product backend with its new layers at zero. Evaluate and
+# generate take it wherever they take a model URI, so a base can be scored before training.
+BASE_PREFIX = "base:"
+
+
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint / model folder does not belong to the config it is loaded with."""
 
 
 def resolve_model_config(cfg: ModelConfig, data_dir: str | Path = "data") -> ModelConfig:
-    """`base_model: tiny` -> the tiny components under <data_dir>/models/tiny (built once,
-    atomically); any other config is returned unchanged."""
+    """`base_model: tiny` -> the backend's tiny components under <data_dir>/models/tiny[-vace]
+    (built once, atomically); any other config is returned unchanged."""
     if cfg.base_model != TINY:
         return cfg
     models_dir = DatasetRoot.create(Path(data_dir) / "models")
-    folder = models_dir.path(TINY)
+    name = tiny_folder_name(cfg.backend)
+    folder = models_dir.path(name)
     if not folder.is_dir():
-        with models_dir.atomic_dir(TINY) as tmp:
-            save_tiny_components(tmp)
+        with models_dir.atomic_dir(name) as tmp:
+            save_tiny(tmp, cfg.backend)
     return cfg.model_copy(update={"base_model": str(folder), "image_encoder": str(folder)})
 
 
@@ -100,15 +107,44 @@ def read_run_config(folder: str | Path) -> RunConfig:
     return run_config_from_dict(yaml.safe_load(path.read_text()))
 
 
+def is_base_model(uri: str | Path) -> bool:
+    return str(uri).startswith(BASE_PREFIX)
+
+
+def base_model(uri: str, torch_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, RunConfig]:
+    """(untrained generator, run config) of `base:<run config>`, new weights seeded by train.seed."""
+    run_config = load_run_config(uri[len(BASE_PREFIX):])
+    cfg = resolve_model_config(run_config.model, run_config.mlflow.data_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run_config.train.seed)
+        return specification(cfg).build_generator(torch_dtype), run_config
+
+
+def resolve_model(uri: str | Path, scratch: str | Path) -> Path:
+    """A local model folder for any model URI; `base:` models are written (as an adapter folder:
+    the base itself is read from the run config's model) under `scratch`."""
+    if not is_base_model(uri):
+        return resolve_model_uri(str(uri), scratch)
+    generator, run_config = base_model(str(uri))
+    return save_model_folder(Path(scratch) / "base", generator, run_config, adapter_only=True,
+                             info={"stage": "base", "step": 0})
+
+
 def load_model_folder(folder_or_uri: str | Path, torch_dtype: torch.dtype | None = None,
                       expect: ModelConfig | None = None,
                       data_dir: str | Path | None = None) -> tuple[torch.nn.Module, RunConfig]:
-    """(generator, run config) from a model folder, `runs:/<id>/model` or `models:/<name>@<alias>`.
+    """(generator, run config) from a model folder, `runs:/<id>/model`, `models:/<name>@<alias>`
+    or `base:<run config>` (BASE_PREFIX).
 
     expect: the model config the caller will use the generator with (fine-tuning, evaluation);
     a folder trained with different architecture fields raises IncompatibleCheckpointError.
     data_dir: where `tiny` components live (default: the folder's own run config's mlflow.data_dir).
     """
+    if is_base_model(folder_or_uri):
+        generator, run_config = base_model(str(folder_or_uri), torch_dtype)
+        if expect is not None:
+            check_compatible(run_config.model, expect, str(folder_or_uri))
+        return generator, run_config
     folder = resolve_model_uri(str(folder_or_uri))
     run_config = read_run_config(folder)
     if expect is not None:

@@ -198,3 +198,16 @@ def test_always_dropping_the_product_keeps_the_product_branch_exactly_closed(tin
     assert gates and all(g.abs().sum().item() > 0 for g in gates) == gates_open
     if not gates_open:
         assert all(torch.equal(g, torch.zeros_like(g)) for g in gates)
+
+
+def test_the_specification_is_the_one_place_that_loads_models_and_chooses_weights():
+    """tasks/ and flows/ never load an encoder or a DiT, nor set which weights train: they ask
+    models.spec.specification (docs/model.md, "One model specification per backend")."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = [f"{path.relative_to(root)}:{number}" for folder in ("tasks", "flows")
+                 for path in sorted((root / folder).glob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if ".from_pretrained(" in line or ".requires_grad_(" in line]
+    assert offenders == []

@@ -96,8 +96,8 @@ def run_pending(state: dict, state_file: Path, args, deadline: float) -> None:
     brackets = [py, "-m", "experiments.poc", "brackets", "--vae", str(DATA / "base"), "--out", str(DATA / "brackets.json")]
     if not step("brackets", brackets, DATA / "brackets.json"):
         return
-    overfit = [py, "-m", "experiments.poc", "overfit", "--config", args.config, "--out", str(DATA / "overfit.json")] + \
-        [part for item in args.set for part in ("--set", item)]
+    overfit = [py, "-m", "experiments.poc", "overfit", "--config", args.config, "--steps", str(args.overfit_steps),
+               "--out", str(DATA / "overfit.json")] + [part for item in args.set for part in ("--set", item)]
     if not step("overfit", overfit, DATA / "overfit.json"):
         return
     if state["overfit"]["psnr_mask_db"] < OVERFIT_GATE_DB and not args.past_gates:
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--vae-batch", type=int, default=8)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override for the overfit run and both training runs, e.g. train.stage1.max_steps=2000")
+    run.add_argument("--overfit-steps", type=int, default=300)
     run.add_argument("--past-gates", action="store_true", help="train A and B even if the overfit gate fails")
     run.add_argument("--out", default=os.environ.get("OUT", "data/poc/out"))
     run.add_argument("--config", default=CONFIG, help="the run config of every step (a copy with fewer steps for a dry run)")
