@@ -119,7 +119,7 @@ def run_pending(state: dict, state_file: Path, args, deadline: float) -> None:
         if not step(f"evaluate_{label}", command, DATA / f"evaluate_{label}.json"):
             return
     measure = [py, "-m", "experiments.poc", "measure", "--config", args.config, "--out", str(DATA / "measures"),
-               *(f"--{label}={state[f'train_{label}']['model_uri']}" for label in RUNS)]
+               *(f"--{label}={state[f'train_{label}']['model_dir']}" for label in RUNS)]
     step("measure", measure, DATA / "measures" / "poc-measures.json")
 
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     overfit.add_argument("--config", default=CONFIG)
     measure = commands.add_parser("measure", help="issue 14's measures of runs A and B on the test products")
     for label in RUNS:
-        measure.add_argument(f"--{label}", required=True, help=f"model URI of run {label}")
+        measure.add_argument(f"--{label}", required=True, help=f"model folder of run {label}")
     measure.add_argument("--out", type=Path, default=DATA / "measures")
     measure.add_argument("--config", default=CONFIG)
     report = commands.add_parser("report", help="loss curves, table and plot from a run's MLflow database")

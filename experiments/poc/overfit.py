@@ -67,7 +67,7 @@ def run_overfit(dataset: Path, folder: Path, clips: int, steps: int, overrides: 
     seconds = time.perf_counter() - started
     trained = json.loads(result_file.read_text())
     device = resolve_device("auto").type
-    pipe, _ = load_pipeline(trained["model_uri"], device=device, plain=True)
+    pipe, _ = load_pipeline(trained["model_dir"], device=device, plain=True)
     inputs = [load_clip(folder / "dataset", row, cfg.data) for row in rows]
     generated = generate(pipe, inputs, [c.photos for c in inputs], cfg, device)
     per_clip = {c.row["clip_key"]: m.psnr(g, c.video, c.masks) for g, c in zip(generated, inputs)}
