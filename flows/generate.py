@@ -50,7 +50,7 @@ class GenerateInputError(ValueError):
 @dataclass(frozen=True)
 class GenerateInputs:
     """What the pipeline takes: the blanked clip (T, H, W, 3) float in [0, 1], masks (T, H, W)
-    bool, product photos as RGB uint8 arrays, and the clip's frame rate."""
+    bool, product photos as RGBA uint8 arrays (opaque where a photo has no alpha), and the clip's frame rate."""
 
     blanked: np.ndarray
     masks: np.ndarray

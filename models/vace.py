@@ -317,10 +317,10 @@ class VaceProductPipeline(WanVACEPipeline):
     """
 
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
-                 boundary_ratio: float | None = None, text_max_length: int = 512):
+                 boundary_ratio: float | None = None, text_max_length: int = 512, max_product_images: int = 5):
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                          transformer=transformer, transformer_2=transformer_2, boundary_ratio=boundary_ratio)
-        self.register_to_config(text_max_length=text_max_length)
+        self.register_to_config(text_max_length=text_max_length, max_product_images=max_product_images)
 
     @classmethod
     def from_generator(cls, generator: VaceGenerator, cfg: ModelConfig,
@@ -331,7 +331,8 @@ class VaceProductPipeline(WanVACEPipeline):
                    text_encoder=UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=torch_dtype),
                    vae=AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32),
                    scheduler=make_scheduler(cfg.sampler.scheduler, cfg.flow_shift),
-                   transformer=generator.transformer, text_max_length=cfg.text_max_length)
+                   transformer=generator.transformer, text_max_length=cfg.text_max_length,
+                   max_product_images=cfg.max_product_images)
 
     @torch.no_grad()
     def __call__(self, masked_video: torch.Tensor, mask: torch.Tensor, product_images: list, prompt: str | list[str],
@@ -347,6 +348,12 @@ class VaceProductPipeline(WanVACEPipeline):
                              f"{tuple(masked_video.shape)} and {tuple(mask.shape)}")
         if len(product_images) != batch or len(prompts) != batch:
             raise ValueError(f"batch {batch}: got {len(product_images)} image lists and {len(prompts)} prompts")
+        latent_frames = (frames - 1) // self.vae_scale_factor_temporal + 1
+        if max(len(photos) for photos in product_images) > latent_frames:
+            # diffusers 0.42.1's WanVACEPipeline.prepare_masks takes the references' zero mask frames
+            # from the video's latent frames, so more references than latent frames fail there.
+            raise ValueError(f"{frames} frames make {latent_frames} latent frames: diffusers' VACE takes at most "
+                             f"that many reference photos, got {max(len(p) for p in product_images)}")
         device = self._execution_device
         dtype = self.transformer.dtype
         text = encode_text(self.tokenizer, self.text_encoder, prompts, self.config.text_max_length).to(dtype)

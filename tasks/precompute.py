@@ -70,7 +70,7 @@ class LatentSpec(BaseModel):
     base_model: str  # VAE, UMT5 and tokenizer come from here
     reference: str
     masked_fill: str
-    image_encoder: str
+    image_encoder: str | None
     image_encoder_subfolder: str | None
     image_processor_subfolder: str | None
     text_max_length: int
@@ -183,7 +183,8 @@ def load_product_photos(root: DatasetRoot, image_paths: list[str], max_images: i
 
 def _save(root: DatasetRoot, rel: str, tensors: dict[str, torch.Tensor], spec: LatentSpec) -> str:
     with root.atomic_file(rel) as tmp:
-        save_file(tensors, str(tmp), metadata={"signature": spec.signature})
+        save_file({name: value.contiguous() for name, value in tensors.items()}, str(tmp),
+                  metadata={"signature": spec.signature})
         digest, _ = sha256_file(tmp)
     return digest
 
