@@ -160,6 +160,20 @@ def pad_photos(per_sample: list[torch.Tensor], count: int | None = None) -> tupl
     return padded, mask
 
 
+def finish(vae: AutoencoderKLWan, latents: torch.Tensor, masked_video: torch.Tensor, mask: torch.Tensor,
+           feather_px: int, output_type: str):
+    """The end of a generation call: the latents themselves ("latent"), or decoded and composited
+    over the masked video as (B, 3, T, H, W) float in [0, 1] ("pt") or (B, T, H, W, 3) uint8 ("np")."""
+    if output_type == "latent":
+        return latents
+    video = composite(decode_latents(vae, latents), masked_video, mask, feather_px)
+    if output_type == "pt":
+        return video
+    if output_type == "np":
+        return (video.permute(0, 2, 3, 4, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    raise ValueError(f"output_type must be 'pt', 'np' or 'latent', got {output_type!r}")
+
+
 def combine_guidance(v_full, v_no_product, v_uncond, text_scale: float, product_scale: float):
     """The guidance formula of this module's docstring; absent branches are None (unused)."""
     guided = v_full if v_no_product is None else v_no_product + product_scale * (v_full - v_no_product)
@@ -289,11 +303,4 @@ class ProductVideoPipeline(DiffusionPipeline):
                 callback(step + 1, len(timesteps))
 
         self.transformer.reset_step_cache()  # and let go of the residuals it holds
-        if output_type == "latent":
-            return latents
-        video = composite(decode_latents(self.vae, latents), masked_video.to(device, torch.float32), mask, feather_px)
-        if output_type == "pt":
-            return video
-        if output_type == "np":
-            return (video.permute(0, 2, 3, 4, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        raise ValueError(f"output_type must be 'pt', 'np' or 'latent', got {output_type!r}")
+        return finish(self.vae, latents, masked_video.to(device, torch.float32), mask, feather_px, output_type)

@@ -80,38 +80,24 @@ def flow_scheduler(flow_shift: float) -> UniPCMultistepScheduler:
                                    flow_shift=flow_shift, num_train_timesteps=1000)
 
 
-def save_tiny_components(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Wan-style model folder (plus image_encoder/ and image_processor/) and return it."""
+def save_tiny(folder: str | Path, backend: str = "product", seed: int = 0) -> Path:
+    """Write the tiny model folder of a backend (models/spec.py) and return it: transformer/ (Wan
+    T2V, or VACE for `vace`), vae/, text_encoder/, tokenizer/, scheduler/, and for the product
+    backend image_encoder/ + image_processor/ (its CLIP path), as the Wan-AI diffusers repos lay
+    them out."""
     folder = Path(folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tiny_transformer().save_pretrained(folder / "transformer")
+        (tiny_vace_transformer() if backend == "vace" else tiny_transformer()).save_pretrained(folder / "transformer")
         tiny_vae().save_pretrained(folder / "vae")
         tiny_text_encoder().save_pretrained(folder / "text_encoder")
-        tiny_image_encoder().save_pretrained(folder / "image_encoder")
-    tiny_tokenizer().save_pretrained(folder / "tokenizer")
-    tiny_image_processor().save_pretrained(folder / "image_processor")
-    flow_scheduler(3.0).save_pretrained(folder / "scheduler")
-    return folder
-
-
-def save_tiny_vace_components(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Wan2.1-VACE-style model folder (transformer/, vae/, text_encoder/, tokenizer/,
-    scheduler/, as Wan-AI/Wan2.1-VACE-1.3B-diffusers) and return it."""
-    folder = Path(folder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tiny_vace_transformer().save_pretrained(folder / "transformer")
-        tiny_vae().save_pretrained(folder / "vae")
-        tiny_text_encoder().save_pretrained(folder / "text_encoder")
+        if backend == "product":
+            tiny_image_encoder().save_pretrained(folder / "image_encoder")
+    if backend == "product":
+        tiny_image_processor().save_pretrained(folder / "image_processor")
     tiny_tokenizer().save_pretrained(folder / "tokenizer")
     flow_scheduler(3.0).save_pretrained(folder / "scheduler")
     return folder
-
-
-def save_tiny(folder: str | Path, backend: str) -> Path:
-    """The tiny components of a backend (models/spec.py): product (a Wan T2V folder + CLIP) or vace."""
-    return save_tiny_vace_components(folder) if backend == "vace" else save_tiny_components(folder)
 
 
 def tiny_folder_name(backend: str) -> str:

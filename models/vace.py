@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from models import speed
 from models.objective import NUM_TRAIN_TIMESTEPS
-from models.pipeline import composite, decode_latents, encode_text, encode_video, make_scheduler
+from models.pipeline import encode_text, encode_video, finish, make_scheduler
 from models.spec import ModelSpecification, check_stage
 from models.transformer import pack_mask
 
@@ -377,12 +377,5 @@ class VaceProductPipeline(WanVACEPipeline):
                     callback_on_step_end=step_progress(callback, index * num_inference_steps,
                                                        batch * num_inference_steps))[0]
                 latents.append(sample[:, :, len(references):])  # diffusers strips the references only when decoding
-        latents = torch.cat(latents)
-        if output_type == "latent":
-            return latents
-        result = composite(decode_latents(self.vae, latents), masked_video.to(device, torch.float32), mask, feather_px)
-        if output_type == "pt":
-            return result
-        if output_type == "np":
-            return (result.permute(0, 2, 3, 4, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        raise ValueError(f"output_type must be 'pt', 'np' or 'latent', got {output_type!r}")
+        return finish(self.vae, torch.cat(latents), masked_video.to(device, torch.float32), mask, feather_px,
+                      output_type)

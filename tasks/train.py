@@ -580,7 +580,7 @@ def _train_stages(cfg: RunConfig, data: TrainData, model: torch.nn.Module, run_r
     model_dir = run_root.path(MODEL_DIR)
     whole = gather_model(model, world)
     if world.is_main:
-        save_model_folder(model_dir, whole, cfg, adapter_only=final.stage == 1,
+        save_model_folder(model_dir, whole, cfg, adapter_only=final.trains == "adapter",
                           info={"stage": final.stage, "step": global_step, "dataset_root": str(data.root.root),
                                 "run_id": run_id, "init_from": init_from, "ema": cfg.train.ema_decay is not None})
         mlflow.log_artifacts(str(model_dir), MODEL_DIR)

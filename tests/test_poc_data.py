@@ -121,3 +121,22 @@ def test_brackets_vae_round_trip(rendered, tmp_path):
     result = measure_brackets(rendered.root, frames=5, stride=2, vae_folder=tmp_path / "base")
     vae = [clip["vae"] for clip in result["per_clip"].values()]
     assert all(math.isfinite(v) and v > 0 for v in vae)  # a random VAE: a number, not a good one
+
+
+def test_vae_crops_hold_the_product_and_its_pixels_weigh_more(rendered):
+    """The PoC VAE's training crops (experiments/poc/base.py) are placed around the product, so
+    the product pixels the gate measures are in every crop; a window without product crops anywhere."""
+    import torch
+
+    from experiments.poc.base import CROP, product_crop, split_windows
+
+    videos, masks = split_windows(rendered.root, "train", 17, 2, HEIGHT, WIDTH, limit=4)
+    generator = torch.Generator().manual_seed(0)
+    for mask in masks:
+        for _ in range(8):
+            top, left = product_crop(mask, generator)
+            assert top % 8 == 0 and left % 8 == 0 and top + CROP[0] <= HEIGHT and left + CROP[1] <= WIDTH
+            assert mask[..., top:top + CROP[0], left:left + CROP[1]].sum() > 0.5 * mask.sum() / mask.shape[1]
+    empty = torch.zeros_like(masks[0])
+    top, left = product_crop(empty, generator)
+    assert 0 <= top <= HEIGHT - CROP[0] and 0 <= left <= WIDTH - CROP[1]

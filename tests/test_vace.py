@@ -6,7 +6,7 @@ from diffusers import WanVACETransformer3DModel
 
 from models.config import ModelConfig
 from models.spec import specification
-from models.tiny import save_tiny_vace_components
+from models.tiny import save_tiny
 from models.vace import LORA_FOLDER, TRANSFORMER_FOLDER, VaceGenerator, VaceSpecification, reference_canvas
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -17,7 +17,7 @@ PROMPT = "a red bottle on a wooden table"
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    folder = save_tiny_vace_components(tmp_path_factory.mktemp("tiny_vace"))
+    folder = save_tiny(tmp_path_factory.mktemp("tiny_vace"), "vace")
     cfg = ModelConfig(backend="vace", base_model=str(folder), image_encoder=str(folder), text_max_length=16,
                       reference_lora_rank=4)
     return VaceSpecification(cfg)

@@ -2,8 +2,11 @@
 config, train and evaluate flows load it exactly as they load the real one.
 
 - vae/: an AutoencoderKLWan trained here on the windows the DiT reads (data.frames frames every
-  data.frame_stride-th, random spatial crops of them for speed: the VAE is convolutional) and on
-  the product photos on their grey canvas (one frame each, as reference latents are encoded). The
+  data.frame_stride-th; CROP-sized spatial crops for speed, the VAE is convolutional, each crop
+  placed around the window's product, whose pixels weigh PRODUCT_WEIGHT more in the loss: the
+  first GPU run trained on random crops with a uniform loss and reached 23 dB on whole windows
+  but 14 dB inside the mask, docs/poc.md) and on the product photos on their grey canvas (one
+  frame each, as reference latents are encoded). The
   pretrained Wan VAE cannot be downloaded, and no fixed map is invertible in Wan's latent layout
   (16 channels for 4 x 8 x 8 x 3 = 768 pixel values per latent cell), which the model code relies
   on. So a small Wan VAE (same class, narrower) learns this data; its latents_mean/std are
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,8 @@ from tasks.precompute import load_clip_window, load_product_photos
 PHOTO_EVERY = 4  # every 4th VAE step trains on photo canvases (single frames) instead of video windows
 CROP = (64, 96)  # spatial crop of the video windows while training the VAE
 STATS_WINDOWS = 64  # train windows the latent statistics and the train PSNR are measured on
+PRODUCT_WEIGHT = 8.0  # reconstruction weight of product pixels (about 4% of a frame) over backdrop ones
+LOADERS = 16  # threads decoding clips and mask PNGs (PyAV and PNG decoding release the GIL)
 CLIP_IMAGE_SIZE = 64
 DIT = dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=64, in_channels=16, out_channels=16,
            text_dim=TINY_TEXT_DIM, freq_dim=256, ffn_dim=1536, num_layers=8, cross_attn_norm=True,
@@ -49,7 +55,9 @@ def split_windows(dataset: Path, split: str, frames: int, stride: int, height: i
     each clip of `split` (at most `limit`)."""
     root = DatasetRoot(dataset.resolve())
     rows = [r for r in root.read_manifest("dataset").to_pylist() if r["split"] == split][:limit]
-    windows = [load_clip_window(root, r["video_path"], r["mask_dir"], frames, stride, height, width) for r in rows]
+    with ThreadPoolExecutor(LOADERS) as pool:
+        windows = list(pool.map(lambda r: load_clip_window(root, r["video_path"], r["mask_dir"], frames, stride,
+                                                           height, width), rows))
     return torch.stack([w[0] for w in windows]), torch.stack([w[1] for w in windows])
 
 
@@ -61,11 +69,27 @@ def photo_canvases(dataset: Path, height: int, width: int, limit: int = 2000) ->
     return torch.stack([photo_canvas(p, height, width) for p in photos]).unsqueeze(2)
 
 
-def train_vae(clips: torch.Tensor, photos: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float,
-              device: str, seed: int = 0, log=print) -> AutoencoderKLWan:
-    """Train a small AutoencoderKLWan on random CROP crops of whole windows (N, 3, T, H, W) in
-    [0, 1], every PHOTO_EVERY-th step on photo canvases (N, 3, 1, H, W): L1 + MSE reconstruction +
-    a small KL (the VAE must stay a VAE: diffusion reads latent_dist.mode()), AdamW, warm-up then
+def product_crop(mask: torch.Tensor, generator: torch.Generator) -> tuple[int, int]:
+    """Top-left corner (multiples of 8) of a CROP-sized crop around a window's product (mask
+    (1, T, H, W)), jittered by up to a quarter crop; anywhere when the window has no product."""
+    height, width = mask.shape[-2:]
+    rows, cols = mask.amax(dim=(0, 1, 3)).nonzero(), mask.amax(dim=(0, 1, 2)).nonzero()
+    jitter = torch.randint(-CROP[0] // 4, CROP[0] // 4 + 1, (2,), generator=generator).tolist()
+    if len(rows) == 0:
+        centre = (height // 2 + jitter[0] * 2, width // 2 + jitter[1] * 2)
+    else:
+        centre = (int(rows[0] + rows[-1]) // 2 + jitter[0], int(cols[0] + cols[-1]) // 2 + jitter[1])
+    top = min(max(centre[0] - CROP[0] // 2, 0), height - CROP[0]) // 8 * 8
+    left = min(max(centre[1] - CROP[1] // 2, 0), width - CROP[1]) // 8 * 8
+    return top, left
+
+
+def train_vae(clips: torch.Tensor, masks: torch.Tensor, photos: torch.Tensor, steps: int, batch_size: int, lr: float,
+              kl_weight: float, device: str, seed: int = 0, log=print) -> AutoencoderKLWan:
+    """Train a small AutoencoderKLWan on CROP crops around the product of whole windows (N, 3, T,
+    H, W) in [0, 1] with their masks (N, 1, T, H, W), every PHOTO_EVERY-th step on photo canvases
+    (N, 3, 1, H, W): L1 + MSE reconstruction, product pixels weighted PRODUCT_WEIGHT more, + a
+    small KL (the VAE must stay a VAE: diffusion reads latent_dist.mode()), AdamW, warm-up then
     cosine."""
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(**VAE).to(device).train()
@@ -77,17 +101,23 @@ def train_vae(clips: torch.Tensor, photos: torch.Tensor, steps: int, batch_size:
     for step in range(steps):
         if step % PHOTO_EVERY == PHOTO_EVERY - 1:
             picked = photos[torch.randint(len(photos), (2 * batch_size,), generator=generator)]
+            weight = torch.ones_like(picked[:, :1])
         else:
-            top = int(torch.randint(clips.shape[3] - CROP[0] + 1, (1,), generator=generator)) // 8 * 8
-            left = int(torch.randint(clips.shape[4] - CROP[1] + 1, (1,), generator=generator)) // 8 * 8
-            picked = clips[torch.randint(len(clips), (batch_size,), generator=generator), :, :,
-                           top:top + CROP[0], left:left + CROP[1]]
+            crops = []
+            for index in torch.randint(len(clips), (batch_size,), generator=generator).tolist():
+                top, left = product_crop(masks[index], generator)
+                window = (slice(None), slice(None), slice(top, top + CROP[0]), slice(left, left + CROP[1]))
+                crops.append((clips[index][window], masks[index][window]))
+            picked = torch.stack([video for video, _ in crops])
+            weight = 1 + PRODUCT_WEIGHT * torch.stack([mask for _, mask in crops])
         x = picked.to(device) * 2 - 1
+        weight = (weight / weight.mean()).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
         recon = recon.float()
-        loss = (recon - x).abs().mean() + ((recon - x) ** 2).mean() + kl_weight * posterior.kl().mean()
+        error = recon - x
+        loss = (weight * error.abs()).mean() + (weight * error ** 2).mean() + kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -141,12 +171,13 @@ def measure_vae(vae: AutoencoderKLWan, train: torch.Tensor, test: tuple[torch.Te
 def build_base(folder: Path, dataset: Path, frames: int, stride: int, height: int, width: int, vae_steps: int,
                vae_batch: int, vae_lr: float, seed: int = 0, device: str = "cuda", log=print) -> dict:
     """Write the base model folder; returns measure_vae's figures + {vae_seconds, train_clips}."""
-    clips, _ = split_windows(dataset, "train", frames, stride, height, width, limit=400)
+    clips, masks = split_windows(dataset, "train", frames, stride, height, width, limit=400)
     test = split_windows(dataset, "test", frames, stride, height, width)
     photos = photo_canvases(dataset, height, width)
     log(f"vae: {len(clips)} train windows of {tuple(clips.shape[1:])}, {len(photos)} photo canvases")
     started = time.perf_counter()
-    vae = train_vae(clips, photos, vae_steps, vae_batch, vae_lr, kl_weight=1e-6, device=device, seed=seed, log=log)
+    vae = train_vae(clips, masks, photos, vae_steps, vae_batch, vae_lr, kl_weight=1e-6, device=device, seed=seed,
+                    log=log)
     seconds = time.perf_counter() - started
     figures = measure_vae(vae, clips, test, device)
     vae.register_to_config(latents_mean=figures.pop("latents_mean"), latents_std=figures.pop("latents_std"))
