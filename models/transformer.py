@@ -497,7 +497,7 @@ class ProductVideoGenerator(nn.Module):
             product = self.product_encoder(image_tokens, image_mask)
             if keep_product is not None:
                 product = product * keep_product.view(-1, 1, 1).to(product.dtype)
-        if self.transformer.uses_reference_latents:
+        if self.transformer.uses_reference_latents and photo_mask is not None:  # else the transformer says what is missing
             reference_keys = photo_mask.bool()
             if keep_product is not None:
                 reference_keys = reference_keys & keep_product.view(-1, 1).bool()
