@@ -1,4 +1,5 @@
-"""The training loop as plain functions: stage 1 (adapter) then stage 2 (DiT), seed section 4.
+"""The training loop as plain functions: stage 1 then stage 2 (seed section 4), each training what
+its `trains` names: the adapter, the DiT too, or every weight from scratch (models/spec.py).
 
 Reads only precomputed latents (tasks/precompute.py). Per stage: AdamW on the stage's trainable
 weights (fused on CUDA), linear warm-up then cosine decay (diffusers' schedule), bf16 autocast on
