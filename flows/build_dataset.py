@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from storage.errors import SystemicError
 from storage.layout import DatasetRoot
 from storage.rejects import reject_row
 from tasks.assemble import SPLITS, SplitConfig, assemble
@@ -33,7 +39,7 @@ from tasks.masking import MaskConfig, masking_task
 from tasks.product_images import ImageConfig, product_images_task
 from tasks.scenes import SceneConfig, scenes_task
 from tasks.segment import SegmentConfig, segment_task
-from tasks.stage import StageResult, SystemicError, cache_storage
+from tasks.stage import StageResult, cache_storage
 
 # Fields of each stage's rows that name files under the root: a cached result whose files are
 # gone (someone deleted them) is recomputed instead of trusted.

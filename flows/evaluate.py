@@ -32,13 +32,19 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.cli import add_result_argument, emit_result
-from flows.generate import pick_device
 from models import metrics as m
+from models.device import resolve_device
 from storage import tracking
 from storage.hashing import sha256_json
+from storage.results import add_result_argument, emit_result
 from tasks.evaluate import evaluate_split_task, split_rows, training_data_hashes
-from tasks.model_store import is_base_model, load_pipeline, read_model_card, read_run_config, resolve_model
+from tasks.model_store import (
+    is_base_model,
+    load_pipeline,
+    read_model_card,
+    read_run_config,
+    resolve_model,
+)
 from tasks.report import publish_poc_report
 from tasks.run_config import MlflowConfig, RunConfig, load_run_config
 
@@ -220,7 +226,7 @@ def _evaluate_model(source: ModelSource, model_dir: Path, experiment_id: str, co
     run_config = effective_config(model_config, config, dataset, overrides)
     root = str(Path(run_config.data.root).expanduser().resolve())
     split_rows(root, split)  # an empty split fails here, before a model is loaded or a run logged
-    pipe, _ = load_pipeline(model_dir, device=pick_device(device))
+    pipe, _ = load_pipeline(model_dir, device=resolve_device(device))
 
     settings = run_config.evaluate
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{split}",

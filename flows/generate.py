@@ -27,9 +27,14 @@ import mlflow
 import numpy as np
 import torch
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 
 from models.config import SamplerConfig
+from models.device import resolve_device
 from models.pipeline import ProductVideoPipeline
 from models.transformer import SPATIAL_FACTOR, TEMPORAL_FACTOR
 from storage import tracking
@@ -119,10 +124,6 @@ def load_inputs(masks: str | Path, images: list[str], masked_video: str | Path |
     return GenerateInputs(blanked=blanked, masks=mask, photos=photos, fps=fps)
 
 
-def pick_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def open_model(model: str, device: str, data_dir: str | Path = "data",
                plain: bool = False) -> tuple[ProductVideoPipeline, RunConfig]:
     """(pipeline on `device`, the run config it was trained with) of a registry URI, runs:/ URI
@@ -132,7 +133,7 @@ def open_model(model: str, device: str, data_dir: str | Path = "data",
     uri = tracking.tracking_uri(data_dir)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return load_pipeline(model, device=pick_device(device), plain=plain)
+    return load_pipeline(model, device=resolve_device(device), plain=plain)
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:

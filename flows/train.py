@@ -19,7 +19,7 @@ import argparse
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import add_result_argument, emit_result
+from storage.results import add_result_argument, emit_result
 from tasks.precompute import precompute_latents
 from tasks.run_config import load_run_config
 from tasks.torchrun import train_with_torchrun

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from tasks.stage import SystemicError
+from storage.errors import SystemicError
 
 Backend = Literal["rembg", "classic"]
 

@@ -29,16 +29,20 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from diffusers.training_utils import EMAModel
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from models.device import resolve_device
 from models.product_encoder import ProductEncoder
 from models.transformer import ProductVideoGenerator, ProductWanTransformer
 from storage.layout import DatasetRoot
-from tasks.precompute import resolve_device
 from tasks.run_config import TrainConfig
 
 DCP_METADATA = ".metadata"  # the file DCP's FileSystemWriter writes last, naming every shard

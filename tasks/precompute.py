@@ -46,7 +46,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.config import ModelConfig
+from models.device import resolve_device
 from models.spec import ModelSpecification, specification
+from storage.errors import SystemicError
 from storage.hashing import sha256_file, sha256_json
 from storage.images import load_mask_png, load_photo_rgba
 from storage.layout import DatasetRoot
@@ -54,7 +56,7 @@ from storage.rejects import RejectError, reject_row
 from storage.video import fit_crop, read_video
 from tasks.model_store import resolve_model_config
 from tasks.run_config import RunConfig, prompt_of
-from tasks.stage import StageResult, SystemicError, cache_storage, stage_task
+from tasks.stage import StageResult, cache_storage, stage_task
 
 STAGE = "precompute"
 STAGE_VERSION = "2"
@@ -117,12 +119,6 @@ def product_rel(signature: str, product_id: str) -> str:
 
 def window_rel(signature: str, product_id: str, clip_key: str, window: int) -> str:
     return f"latents/{signature}/{product_id}/{clip_key}-w{window}.safetensors"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @functools.cache

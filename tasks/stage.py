@@ -14,19 +14,13 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from prefect import task
-from prefect.filesystems import LocalFileSystem
 from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
 from pydantic import BaseModel
 
+from storage.errors import SystemicError
 from storage.hashing import sha256_json
 from storage.layout import DatasetRoot
-
-
-class SystemicError(RuntimeError):
-    """The run cannot go on (output not writable, a backend that cannot load).
-
-    Unlike a reject, it fails the flow; its message says what to do.
-    """
 
 
 class StageResult(TypedDict):

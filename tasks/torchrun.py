@@ -27,7 +27,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from flows.cli import emit_result
+from storage.results import emit_result
 from tasks.run_config import RunConfig, load_run_config
 from tasks.train import run_training
 

@@ -16,10 +16,10 @@ from benchmarks.gpu_segmentation import TINY_SAM2, TINY_SAM2_OVERRIDES  # small 
 from models.segmenters import GroundedSam2Segmenter, load_segmenter
 from models.segmenters import grounded_sam2
 from models.segmenters.grounded_sam2 import detector_prompt, distinct_boxes
+from storage.errors import SystemicError
 from storage.layout import DatasetRoot
 from storage.video import write_video
 from tasks.segment import SegmentConfig, segment_clip
-from tasks.stage import SystemicError
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "ceramic", "mug", "shoe"]
 

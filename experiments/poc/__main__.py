@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         run_brackets(args.dataset, args.vae, args.frames, args.stride, args.out)
     elif args.command == "base":
         from experiments.poc.base import build_base
-        from tasks.precompute import resolve_device
+        from models.device import resolve_device
         from tasks.run_config import load_run_config
         d = load_run_config(args.config).data
         info = build_base(DATA / "base", DATA / "dataset", d.frames, d.frame_stride, d.height, d.width,
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     elif args.command == "measure":
         from experiments.poc.measure import measure as measure_runs
-        from tasks.precompute import resolve_device
+        from models.device import resolve_device
         from tasks.run_config import load_run_config
         result = measure_runs({label: getattr(args, label) for label in RUNS}, DATA / "dataset", load_run_config(args.config),
                               args.out, device=resolve_device("auto").type)

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
+from models.device import resolve_device
 from models.segmenters.base import SegmentationOutput
-from tasks.stage import SystemicError
+from storage.errors import SystemicError
 
 _SAM2_RELEASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_large.pt"
 _CLASSIC_HINT = "or, for footage on a clean studio backdrop, use segmenter='classic' (SegmentConfig backend='classic')"
@@ -58,12 +59,6 @@ class GroundedSam2Settings(BaseModel):
         default_factory=list, description="hydra overrides of sam2_config (must match the checkpoint)"
     )
     device: str = Field("auto", description="'auto' (cuda if available), 'cuda', 'cuda:1', 'cpu'...")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""What the flows' command lines share."""
+"""The result a command line prints and, with --result, writes as JSON (flows and torchrun ranks share it)."""
 from __future__ import annotations
 
 import argparse
