@@ -134,7 +134,7 @@ def build_dataset(
     segmentation = segmentation.model_copy(update={"backend": segmenter})
     images = images.model_copy(update={"backend": background_removal})
 
-    ingested = ingest_task(source)
+    ingested = ingest_task(source, images.min_images)
     products = {p["product_id"]: p for p in ingested["products"]}
     videos = [f for f in ingested["source_files"] if f["role"] == "video"]
     photos: dict[str, list[dict]] = collections.defaultdict(list)

@@ -34,7 +34,6 @@ from storage.rejects import reject_row
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 METADATA_FIELDS = ("category", "caption", "prompt")
-MIN_IMAGES = 3
 STAGE = "ingest"
 
 
@@ -90,8 +89,10 @@ def _metadata(fs, product_dir: str, pid: str, indexed: dict | None) -> dict:
     return meta
 
 
-def ingest_source(source: str, hash_workers: int = 4) -> IngestResult:
-    """List, validate and hash a source tree. Pure apart from reading the source."""
+def ingest_source(source: str, min_images: int, hash_workers: int = 4) -> IngestResult:
+    """List, validate and hash a source tree. Pure apart from reading the source. A product with
+    fewer than `min_images` photos is rejected here (the product-images stage's `min_images`, so
+    the two stages ask for the same number)."""
     fs, root = fsspec.core.url_to_fs(source)
     if not fs.isdir(root):
         raise FileNotFoundError(f"source {source!r} is not a directory (local path or fsspec URL)")
@@ -139,8 +140,8 @@ def ingest_source(source: str, hash_workers: int = 4) -> IngestResult:
         if not videos:
             rejects.append(reject_row(STAGE, item, "no_videos", "product has no video under videos/", pid))
             continue
-        if len(images) < MIN_IMAGES:
-            rejects.append(reject_row(STAGE, item, "too_few_images", f"product has {len(images)} photo(s) under images/, needs at least {MIN_IMAGES}", pid))
+        if len(images) < min_images:
+            rejects.append(reject_row(STAGE, item, "too_few_images", f"product has {len(images)} photo(s) under images/, needs at least {min_images}", pid))
             continue
         products.append({"product_id": pid, **meta, "num_videos": len(videos), "num_images": len(images)})
         files_to_hash += [(pid, "video", n, uri(posixpath.join(product_dir, "videos", n))) for n in videos]

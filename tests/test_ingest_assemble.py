@@ -34,7 +34,7 @@ def test_ingest_validates_and_hashes(tmp_path):
     (tmp_path / "products.csv").write_text(
         "product_id,category,caption,prompt\nBOX0002,box,a red box,\nCSVDUP,box,one,\nCSVDUP,mug,two,\nGHOST,box,,\n"
     )
-    out = ingest_source(str(tmp_path))
+    out = ingest_source(str(tmp_path), min_images=3)
     ids = {p["product_id"]: p for p in out["products"]}
     assert set(ids) == {"RING0001", "BOX0002"}
     assert ids["RING0001"]["prompt"] == "ring" and ids["RING0001"]["caption"] == "a gold ring"
@@ -51,13 +51,21 @@ def test_ingest_validates_and_hashes(tmp_path):
 
 def test_ingest_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        ingest_source(str(tmp_path / "nope"))
+        ingest_source(str(tmp_path / "nope"), min_images=3)
 
 
 def test_ingest_reads_fsspec_urls(tmp_path):
     make_product(tmp_path, "P1")
-    out = ingest_source(f"file://{tmp_path}")
+    out = ingest_source(f"file://{tmp_path}", min_images=3)
     assert [p["product_id"] for p in out["products"]] == ["P1"]
+
+
+def test_ingest_asks_for_the_photo_minimum_it_is_given(tmp_path):
+    """One minimum for the whole build: images.min_images=2 admits a product with two photos."""
+    make_product(tmp_path, "TWO", images=("a.jpg", "b.jpg"))
+    assert [p["product_id"] for p in ingest_source(str(tmp_path), min_images=2)["products"]] == ["TWO"]
+    rejected = ingest_source(str(tmp_path), min_images=3)["rejects"]
+    assert [r["reason_code"] for r in rejected] == ["too_few_images"] and "at least 3" in rejected[0]["reason"]
 
 
 def test_splits_are_stratified_sticky_and_disjoint():
