@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -52,40 +51,6 @@ LOSS_METRIC = "loss"  # what the train flow (tasks/train.py) logs per optimizer 
 TRAINING_DATA_ARTIFACT = "training_data.json"
 TRAINING_DATA_TAG = "training_data.fingerprint"
 TRAINING_DATA_RUN_TAG = "training_data.run_id"  # the run whose artifacts hold TRAINING_DATA_ARTIFACT
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model URI points in MLflow: the run that produced it (None for a plain folder),
-    the artifact path in that run, and its registry version when the URI names one."""
-
-    uri: str
-    run_id: str | None
-    artifact_path: str | None
-    version: str | None
-
-
-def model_source(uri: str) -> ModelSource:
-    """Resolve runs:/<id>/<path>, models:/<name>@<alias> and models:/<name>/<version>; a local
-    folder has no run (it is logged to the evaluation run when registered)."""
-    if uri.startswith("runs:/"):
-        run_id, _, path = uri[len("runs:/"):].partition("/")
-        return ModelSource(uri, run_id, path.strip("/") or "model", None)
-    if uri.startswith("models:/"):
-        client = MlflowClient()
-        reference = uri[len("models:/"):].rstrip("/")
-        if "@" in reference:
-            name, alias = reference.split("@", 1)
-            try:
-                version = client.get_model_version_by_alias(name, alias)
-            except mlflow.exceptions.MlflowException as error:
-                raise tracking.ModelNotFoundError(
-                    f"no version of {name} has alias {alias} yet: run the train and evaluate flows "
-                    "(or retrain) first, or pass a runs:/ URI or a local model folder") from error
-        else:
-            version = client.get_model_version(*reference.rsplit("/", 1))
-        return ModelSource(uri, version.run_id, None, str(version.version))
-    return ModelSource(uri, None, None, None)
 
 
 def effective_config(model_config: RunConfig, config: str | None, dataset: str | None,
@@ -143,7 +108,7 @@ def _record_training_data(run_id: str, model_config: RunConfig, card: dict) -> s
     return sha256_json(hashes)
 
 
-def register_evaluated(source: ModelSource, model_dir: Path, eval_run_id: str, test_metrics: dict,
+def register_evaluated(source: tracking.ModelSource, model_dir: Path, eval_run_id: str, test_metrics: dict,
              run_config: RunConfig, fingerprint: str, log) -> dict:
     """A registry version for the evaluated model (see the module doc) and the promotion decision."""
     name = run_config.registry.model_name
@@ -198,7 +163,7 @@ def evaluate(model: str = tracking.DEFAULT_MODEL_URI, config: str | None = None,
 
 def _evaluate_uri(model: str, experiment_id: str, config: str | None, dataset: str | None, split: str,
                   register: bool, train_clips: int, device: str, overrides: list[str]) -> dict:
-    source = model_source(model)  # a missing alias fails here with what to do
+    source = tracking.model_source(model)  # a missing alias fails here with what to do
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:  # a downloaded model is dropped after
         model_dir = resolve_model(model, scratch)
         return _evaluate_model(source, model_dir, experiment_id, config, dataset, split, register, train_clips,
@@ -217,7 +182,7 @@ def comparison_table(summary: dict, baseline: dict, split: str) -> list[dict]:
     return rows
 
 
-def _evaluate_model(source: ModelSource, model_dir: Path, experiment_id: str, config: str | None,
+def _evaluate_model(source: tracking.ModelSource, model_dir: Path, experiment_id: str, config: str | None,
                     dataset: str | None, split: str, register: bool, train_clips: int, device: str,
                     overrides: list[str]) -> dict:
     """The evaluate flow's body, on a local model folder."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -183,6 +184,37 @@ def _parse_alias_uri(uri: str) -> tuple[str, str] | None:
         name, alias = uri[len("models:/"):].rstrip("/").split("@", 1)
         return name, alias
     return None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model URI points in MLflow: the run that produced it (None for a plain folder or a
+    `base:` model), the artifact path in that run, and its registry version when the URI names one."""
+
+    uri: str
+    run_id: str | None
+    artifact_path: str | None
+    version: str | None
+
+
+def model_source(uri: str) -> ModelSource:
+    """Resolve runs:/<id>/<path>, models:/<name>@<alias> and models:/<name>/<version>; anything
+    else has no run (a local folder is logged to the evaluation run when registered)."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        return ModelSource(uri, run_id, path.strip("/") or "model", None)
+    if not uri.startswith("models:/"):
+        return ModelSource(uri, None, None, None)
+    client = MlflowClient()
+    alias = _parse_alias_uri(uri)
+    if alias is None:
+        version = client.get_model_version(*uri[len("models:/"):].rstrip("/").rsplit("/", 1))
+        return ModelSource(uri, version.run_id, None, str(version.version))
+    number = _alias_version(client, *alias)
+    if number is None:
+        raise ModelNotFoundError(f"no version of {alias[0]} has alias {alias[1]} yet: run the train and evaluate "
+                                 "flows (or retrain) first, or pass a runs:/ URI or a local model folder")
+    return ModelSource(uri, client.get_model_version(alias[0], number).run_id, None, number)
 
 
 def resolve_model_uri(uri: str = DEFAULT_MODEL_URI, dst_path: str | Path | None = None) -> Path:
