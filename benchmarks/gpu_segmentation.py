@@ -38,6 +38,7 @@ import transformers
 
 from models.segmenters.base import SegmentationOutput
 from models.segmenters.grounded_sam2 import GroundedSam2Segmenter, GroundedSam2Settings, keyframe_indices
+from models.tiny import TINY_SAM2, TINY_SAM2_OVERRIDES
 
 PROMPT = "a red ceramic mug"
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "ceramic", "mug"]
@@ -54,15 +55,6 @@ TINY_BERT = dict(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num
 TINY_DINO = dict(d_model=32, num_queries=20, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32,
                  decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2, encoder_n_points=2,
                  decoder_n_points=2, max_text_len=32)
-TINY_SAM2 = "configs/sam2.1/sam2.1_hiera_t.yaml"
-TINY_SAM2_OVERRIDES = [
-    "++model.image_size=128",
-    "++model.image_encoder.trunk.stages=[1,1,2,1]",
-    "++model.image_encoder.trunk.global_att_blocks=[3]",
-    "++model.memory_attention.num_layers=1",
-    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
-    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
-]
 
 
 def save_grounding_dino(folder: Path, tiny: bool) -> str:

@@ -19,6 +19,17 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel,
 from models.config import TINY, ModelConfig
 
 TINY_TEXT_DIM = 32
+# SAM2.1 hiera-tiny (a config of the sam2 package), shrunk by hydra overrides: small enough to
+# build on a CPU in tests and in benchmarks/gpu_segmentation.py --tiny.
+TINY_SAM2 = "configs/sam2.1/sam2.1_hiera_t.yaml"
+TINY_SAM2_OVERRIDES = [
+    "++model.image_size=128",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
+]
 TINY_IMAGE_SIZE = 32
 TINY_VOCAB = ("a an the and with on in of product video bottle bag watch ring shoe red blue green "
               "silver gold black white wooden table hand turning slowly close up shot bright studio").split()

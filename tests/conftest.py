@@ -14,9 +14,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # Session fixtures are defined here once: imported into several test modules instead, each module
 # would get its own instance (its own data dir and MLflow store), and results would depend on the
 # order the modules run in.
-from tests.issue4_eval_fixtures import (local_mlflow, logged_model, split_dataset,  # noqa: F401, E402
+from tests.fixtures_models import (local_mlflow, logged_model, split_dataset,  # noqa: F401, E402
                                         tiny_config_file, trained_champion)
-from tests.issue4_fixtures import tiny_data_dir, tiny_dataset  # noqa: F401, E402
+from tests.fixtures_dataset import tiny_data_dir, tiny_dataset  # noqa: F401, E402
 
 
 @pytest.fixture(scope="module")

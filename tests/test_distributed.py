@@ -21,7 +21,7 @@ from tasks.model_store import load_model_folder
 from tasks.run_config import load_run_config
 from tasks.torchrun import TorchrunError, run_torchrun
 from tasks.train import TrainData, run_training
-from tests.issue4_fixtures import TINY_CONFIG, tiny_run_config
+from tests.fixtures_dataset import TINY_CONFIG, tiny_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # torchrun ranks get OMP_NUM_THREADS=1
 

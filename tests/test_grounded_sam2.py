@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.gpu_segmentation import TINY_SAM2, TINY_SAM2_OVERRIDES  # small enough for CPU tests
 from models.segmenters import GroundedSam2Segmenter, load_segmenter
 from models.segmenters import grounded_sam2
 from models.segmenters.grounded_sam2 import detector_prompt, distinct_boxes
+from models.tiny import TINY_SAM2, TINY_SAM2_OVERRIDES  # small enough for CPU tests
 from storage.errors import SystemicError
 from storage.layout import DatasetRoot
 from storage.video import write_video

@@ -15,7 +15,7 @@ from storage.layout import DatasetRoot
 from tasks.precompute import (LatentsError, LatentSpec, _encoders, load_clip_window, load_clip_windows,
                               load_product_photos, precompute_product, product_items, window_starts)
 from tasks.train import TrainData, TrainingError
-from tests.issue4_fixtures import TINY_CONFIG, tiny_run_config
+from tests.fixtures_dataset import TINY_CONFIG, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

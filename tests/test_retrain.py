@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from flows.retrain import data_changes, retrain
 from storage import tracking
 from storage.layout import DatasetRoot
-from tests.issue4_eval_fixtures import BUILD_OPTIONS, write_config
+from tests.fixtures_models import BUILD_OPTIONS, write_config
 
 pytestmark = pytest.mark.slow
 

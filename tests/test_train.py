@@ -15,7 +15,7 @@ from prefect.settings import PREFECT_API_URL
 from flows.train import train
 from storage.tracking import tracking_uri
 from tasks.model_store import IncompatibleCheckpointError, load_model_folder, read_model_card
-from tests.issue4_fixtures import REPO, TINY_CONFIG
+from tests.fixtures_dataset import REPO, TINY_CONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

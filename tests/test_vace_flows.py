@@ -13,7 +13,7 @@ from flows.evaluate import evaluate
 from flows.generate import main as generate_cli
 from flows.train import train
 from storage.video import read_video
-from tests.issue4_fixtures import REPO
+from tests.fixtures_dataset import REPO
 from tests.test_generate import _inputs
 
 pytestmark = pytest.mark.slow

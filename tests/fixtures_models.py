@@ -17,7 +17,7 @@ from models.transformer import ProductVideoGenerator
 from flows.evaluate import LOSS_METRIC
 from storage import tracking
 from tasks.model_store import resolve_model_config, save_model_folder
-from tests.issue4_fixtures import tiny_data_dir, tiny_run_config  # noqa: F401 (fixtures)
+from tests.fixtures_dataset import tiny_data_dir, tiny_run_config  # noqa: F401 (fixtures)
 
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 # With the default 8:1:1 rule 4 products all land in train; these shares give every split one.
@@ -45,7 +45,7 @@ def build_split_dataset(folder: Path, num_products: int = 4, seed: int = 3) -> P
 @pytest.fixture(scope="session")
 def split_dataset(tmp_path_factory) -> Path:
     """A tiny built dataset with clips in every split, shared by the evaluate/generate/retrain tests."""
-    return build_split_dataset(tmp_path_factory.getbasetemp() / "issue4-split-dataset")
+    return build_split_dataset(tmp_path_factory.getbasetemp() / "split-dataset")
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +92,7 @@ def log_untrained_model(config_file: Path, folder: Path, losses=(1.0, 0.9, 0.8))
 @pytest.fixture(scope="session")
 def logged_model(tiny_config_file, tmp_path_factory) -> str:
     """`runs:/<id>/model` of the untrained tiny model (logged once per session, see trained_champion)."""
-    remembered = tmp_path_factory.getbasetemp() / "issue4-logged-model.txt"
+    remembered = tmp_path_factory.getbasetemp() / "logged-model.txt"
     if not remembered.is_file():
         remembered.write_text(log_untrained_model(tiny_config_file, tmp_path_factory.mktemp("model") / "model"))
     return remembered.read_text()
@@ -111,7 +111,7 @@ def trained_champion(split_dataset, local_mlflow, tmp_path_factory) -> dict:
     from flows.evaluate import evaluate
     from flows.train import train
 
-    folder = tmp_path_factory.getbasetemp() / "issue4-e2e"
+    folder = tmp_path_factory.getbasetemp() / "e2e"
     remembered = folder / "result.json"
     if remembered.is_file():
         return json.loads(remembered.read_text()) | {"config": folder / "tiny.yaml"}

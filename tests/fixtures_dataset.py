@@ -1,6 +1,7 @@
-"""Shared fixtures of the issue-4 tests (precompute, train, evaluate, retrain, generate).
+"""Fixtures that provide a built tiny dataset and a project data directory (for the precompute,
+train, evaluate, retrain and generate tests).
 
-Import what you need into a test module: `from tests.issue4_fixtures import tiny_dataset, ...`.
+Import what you need into a test module: `from tests.fixtures_dataset import tiny_dataset, ...`.
 The dataset is built once per test session into a fixed folder under pytest's base temp dir and
 reused by every module that imports the fixture (build-dataset itself is cached, so a second
 call only checks).
@@ -45,14 +46,14 @@ def tiny_run_config(dataset: Path, data_dir: Path, overrides: list[str] = ()) ->
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
-    """A built tiny dataset (train / val / test splits), shared by every issue-4 test module."""
-    return build_tiny_dataset(tmp_path_factory.getbasetemp() / "issue4-tiny-dataset")
+    """A built tiny dataset (train / val / test splits), shared by every module that asks for it."""
+    return build_tiny_dataset(tmp_path_factory.getbasetemp() / "tiny-dataset")
 
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
     """A project data directory (MLflow store, runs, tiny model components) for the session."""
-    folder = tmp_path_factory.getbasetemp() / "issue4-data"
+    folder = tmp_path_factory.getbasetemp() / "project-data"
     folder.mkdir(exist_ok=True)
     return folder
 
