@@ -1,14 +1,15 @@
 # Two commands on a fresh machine:
 #   make demo   set everything up, make synthetic product pages, build the dataset, train,
 #               evaluate, register and generate on CPU (tiny config), print where to look
-#   make test   the test suite (what CI runs)
+#   make test-all   the whole test suite (what CI runs: .ci/run)
+#   make test       the fast part (no end-to-end flow runs, no servers): minutes, for the edit loop
 PY := .venv/bin/python
 DATA ?= data/demo
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/data/prefect
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-all
 
 setup: .venv/.installed
 
@@ -24,5 +25,8 @@ setup: .venv/.installed
 demo: setup
 	$(PY) -m demo --data $(DATA)
 
-test: setup
+test-all: setup
 	$(PY) -m pytest -q
+
+test: setup
+	$(PY) -m pytest -q -m "not slow and not server"

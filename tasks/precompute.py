@@ -12,7 +12,7 @@ latents/{signature}/{product_id}/{clip_key}-w{k}.safetensors     per clip and sa
     latents          (16, T', h, w)  Wan-normalised VAE latents of the window
     masked_latents   (16, T', h, w)  of the window with its masked region filled (model.masked_fill),
                                      computed here from clip + mask (the H.264 masked video can
-                                     leak product colour, DESIGN.md)
+                                     leak product colour: docs/data-pipeline.md, "Masked videos")
     packed_mask      (4, T', h, w)   models.transformer.pack_mask (Wan I2V temporal fold)
     text_embeds      (L, D_text)     UMT5 embedding of the prompt (data.prompt_from), zero-padded
 manifests/latents.parquet            one row per clip window and signature (storage.schemas.LATENTS)
