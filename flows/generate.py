@@ -11,7 +11,8 @@ white = put the product here) or a mask video. Frames must number 4k+1 (Wan's VA
 per latent frame; `--trim` keeps the first 4k+1) and height / width must be multiples of 16.
 Pixels outside the mask are the input's, bit for bit before H.264 encoding (the pipeline
 composites). The model: a registry alias (`models:/product-video-generator@champion` by
-default) or a local model folder (`--checkpoint`). An existing output is never overwritten
+default), a local model folder (`--checkpoint`), or `base:<run config>`, the untrained model of a
+config (`--model base:configs/vace-1.3b.yaml` is zero-shot Wan2.1-VACE). An existing output is never overwritten
 without `--overwrite`; the mp4 appears complete or not at all.
 
 The same as a Prefect flow: `generate(...)` (deployment `generate/default`).
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--images", nargs="+", default=[], help=f"1-{MAX_IMAGES} product photos")
     parser.add_argument("--caption", default="", help="text prompt describing the product / shot")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", default=tracking.DEFAULT_MODEL_URI, help="models:/... or runs:/... URI")
+    source.add_argument("--model", default=tracking.DEFAULT_MODEL_URI,
+                        help="models:/... or runs:/... URI, or base:<run config> (its untrained model: zero-shot VACE)")
     source.add_argument("--checkpoint", help="a local model folder (as the train flow saves)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model config's)")
     parser.add_argument("--text-guidance", type=float, help="text guidance scale (default: the model config's)")
