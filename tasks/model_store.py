@@ -28,7 +28,7 @@ from models.config import TINY, ModelConfig
 from models.spec import specification
 from models.tiny import save_tiny, tiny_folder_name
 from storage.layout import DatasetRoot
-from storage.tracking import resolve_model_uri
+from storage.tracking import ModelNotFoundError, resolve_model_uri
 from tasks.run_config import RunConfig, load_run_config, run_config_from_dict
 
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -113,7 +113,10 @@ def is_base_model(uri: str | Path) -> bool:
 
 def base_model(uri: str, torch_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, RunConfig]:
     """(untrained generator, run config) of `base:<run config>`, new weights seeded by train.seed."""
-    run_config = load_run_config(uri[len(BASE_PREFIX):])
+    try:
+        run_config = load_run_config(uri[len(BASE_PREFIX):])
+    except (FileNotFoundError, ValueError) as error:
+        raise ModelNotFoundError(f"{uri} names no usable run config: {error}") from error
     cfg = resolve_model_config(run_config.model, run_config.mlflow.data_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run_config.train.seed)

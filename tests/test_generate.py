@@ -78,6 +78,15 @@ def test_cli_refuses_bad_input_and_existing_output_before_loading_a_model(tmp_pa
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "taken.mp4").read_bytes() == b"keep me"
 
 
+def test_a_base_model_without_its_run_config_is_a_one_line_error(tmp_path, capsys):
+    video, masks, photos = _inputs(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        generate_cli(["--video", str(video), "--masks", str(masks), "--images", *photos,
+                      "--model", f"base:{tmp_path / 'missing.yaml'}", "--output", str(tmp_path / "out.mp4")])
+    assert stopped.value.code == 2 and "names no usable run config" in capsys.readouterr().err
+    assert not (tmp_path / "out.mp4").exists()
+
+
 @pytest.mark.slow
 def test_generates_from_a_local_model_folder_with_a_mask_video(logged_model, tmp_path):
     import mlflow
