@@ -36,14 +36,9 @@ from models.device import resolve_device
 from storage import tracking
 from storage.hashing import sha256_json
 from storage.results import add_result_argument, emit_result
-from tasks.evaluate import evaluate_split_task, split_rows, training_data_hashes
-from tasks.model_store import (
-    is_base_model,
-    load_pipeline,
-    read_model_card,
-    read_run_config,
-    resolve_model,
-)
+from tasks.evaluate import EvaluationError, evaluate_split_task, split_rows, training_data_hashes
+from tasks.model_store import (IncompatibleCheckpointError, is_base_model, load_pipeline, read_model_card,
+                               read_run_config, resolve_model)
 from tasks.report import publish_poc_report
 from tasks.run_config import MlflowConfig, RunConfig, load_run_config
 
@@ -252,9 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         parser.error("--set overrides a setting of --config: pass --config too")
-    summary = evaluate(model=args.model, config=args.config, dataset=args.dataset, split=args.split,
-                       register=args.register, train_clips=args.train_clips, device=args.device,
-                       overrides=args.overrides, baseline=args.baseline)
+    try:
+        summary = evaluate(model=args.model, config=args.config, dataset=args.dataset, split=args.split,
+                           register=args.register, train_clips=args.train_clips, device=args.device,
+                           overrides=args.overrides, baseline=args.baseline)
+    except (tracking.ModelNotFoundError, IncompatibleCheckpointError, EvaluationError) as error:
+        parser.exit(2, f"error: {error}\n")
     return emit_result(summary, args.result)
 
 

@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.evaluate import TRAINING_DATA_TAG, evaluate
+from flows.evaluate import main as evaluate_cli
 from storage import tracking
 from storage.layout import DatasetRoot
 from tasks.evaluate import EvaluationError, read_rows, split_rows, training_data_hashes
@@ -95,3 +96,11 @@ def test_empty_split_is_a_clear_error(logged_model, config_file, split_dataset, 
 def test_registry_without_champion_is_a_clear_error(config_file):
     with pytest.raises(tracking.ModelNotFoundError, match="no version of nobody-registered-this has alias champion"):
         evaluate(model="models:/nobody-registered-this@champion", config=str(config_file))
+
+
+def test_the_command_line_says_what_is_missing_in_one_line(config_file, tmp_path, capsys):
+    for model, says in (("models:/nobody-registered-this@champion", "no version of nobody-registered-this"),
+                        (f"base:{tmp_path / 'missing.yaml'}", "names no usable run config")):
+        with pytest.raises(SystemExit) as stopped:
+            evaluate_cli(["--model", model, "--config", str(config_file)])
+        assert stopped.value.code == 2 and says in capsys.readouterr().err
