@@ -127,6 +127,17 @@ def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int) ->
     return hidden * attention.unsqueeze(-1).to(hidden.dtype)
 
 
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], negative_prompt: str | list[str] | None,
+                   max_length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt embeddings, null embeddings) for guidance: the null is the negative prompt's
+    embeddings, or zeros (the training dropout's null) without one."""
+    text = encode_text(tokenizer, text_encoder, prompts, max_length).to(dtype)
+    if negative_prompt is None:
+        return text, torch.zeros_like(text)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    return text, encode_text(tokenizer, text_encoder, negatives, max_length).to(dtype)
+
+
 def feather(mask: torch.Tensor, feather_px: int) -> torch.Tensor:
     """Blend weight: 1 inside the mask, ramping to 0 within feather_px pixels outside it (a box
     blur of the mask, so pixels farther than feather_px from the mask get exactly 0)."""
@@ -262,12 +273,8 @@ class ProductVideoPipeline(DiffusionPipeline):
 
         masked_latents = encode_video(self.vae, known)
         packed_mask = pack_mask(mask, masked_latents.shape[-2:])
-        text = encode_text(self.tokenizer, self.text_encoder, prompts, self.config.text_max_length).to(dtype)
-        if negative_prompt is None:
-            null_text = torch.zeros_like(text)
-        else:
-            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-            null_text = encode_text(self.tokenizer, self.text_encoder, negatives, self.config.text_max_length).to(dtype)
+        text, null_text = encode_prompts(self.tokenizer, self.text_encoder, prompts, negative_prompt,
+                                         self.config.text_max_length, dtype)
         product, references, photo_mask = self._encode_photos(product_images, masked_video.shape[-2:], dtype)
 
         # Branch order: full, no product, neither; only those the scales need.

@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from models import speed
 from models.objective import NUM_TRAIN_TIMESTEPS
-from models.pipeline import encode_text, encode_video, finish, make_scheduler
+from models.pipeline import encode_prompts, encode_text, encode_video, finish, make_scheduler
 from models.spec import ModelSpecification, check_stage
 from models.transformer import pack_mask
 
@@ -356,12 +356,8 @@ class VaceProductPipeline(WanVACEPipeline):
                              f"that many reference photos, got {max(len(p) for p in product_images)}")
         device = self._execution_device
         dtype = self.transformer.dtype
-        text = encode_text(self.tokenizer, self.text_encoder, prompts, self.config.text_max_length).to(dtype)
-        if negative_prompt is None:
-            null_text = torch.zeros_like(text)
-        else:
-            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-            null_text = encode_text(self.tokenizer, self.text_encoder, negatives, self.config.text_max_length).to(dtype)
+        text, null_text = encode_prompts(self.tokenizer, self.text_encoder, prompts, negative_prompt,
+                                         self.config.text_max_length, dtype)
         mask = mask.to(device, torch.float32)
         video = grey_filled(masked_video.to(device, torch.float32), mask)
         latents = []
