@@ -90,7 +90,7 @@ def run_pending(state: dict, state_file: Path, args, deadline: float) -> None:
         from experiments.poc.render import render_poc_dataset
         record("render", render_poc_dataset(DATA / "dataset", args.products, seed=args.seed, workers=os.cpu_count()))
     base = [py, "-m", "experiments.poc", "base", "--config", args.config, "--vae-steps", str(args.vae_steps),
-            "--vae-batch", str(args.vae_batch)]
+            "--vae-seconds", str(args.vae_seconds), "--vae-batch", str(args.vae_batch)]
     if not step("base", base, DATA / "base.json"):
         return
     brackets = [py, "-m", "experiments.poc", "brackets", "--vae", str(DATA / "base"), "--out", str(DATA / "brackets.json")]
@@ -158,8 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     brackets.add_argument("--stride", type=int, default=2)
     brackets.add_argument("--out", type=Path, help="write the figures as JSON here")
     base = commands.add_parser("base", help="write data/poc/base (trains the VAE: GPU)")
-    base.add_argument("--vae-steps", type=int, default=1500)
-    base.add_argument("--vae-batch", type=int, default=8)
+    base.add_argument("--vae-steps", type=int, default=3000, help="at most this many VAE steps")
+    base.add_argument("--vae-seconds", type=float, default=300, help="and at most this long (it cannot resume)")
+    base.add_argument("--vae-batch", type=int, default=16)
     base.add_argument("--config", default=CONFIG)
     overfit = commands.add_parser("overfit", help="gate 3: train on a few train clips, measure on them")
     overfit.add_argument("--clips", type=int, default=8)
@@ -186,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--deadline-s", type=float, default=540)
     run.add_argument("--products", type=int, default=1000)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--vae-steps", type=int, default=1500)
-    run.add_argument("--vae-batch", type=int, default=8)
+    run.add_argument("--vae-steps", type=int, default=3000, help="at most this many VAE steps")
+    run.add_argument("--vae-seconds", type=float, default=300, help="and at most this long (it cannot resume)")
+    run.add_argument("--vae-batch", type=int, default=16)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override for the overfit run and both training runs, e.g. train.stage1.max_steps=2000")
     run.add_argument("--overfit-steps", type=int, default=300)
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         from tasks.run_config import load_run_config
         d = load_run_config(args.config).data
         info = build_base(DATA / "base", DATA / "dataset", d.frames, d.frame_stride, d.height, d.width,
-                          vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_lr=3e-4, device=resolve_device("auto").type)
+                          vae_steps=args.vae_steps, vae_seconds=args.vae_seconds, vae_batch=args.vae_batch,
+                          vae_lr=3e-4, device=resolve_device("auto").type)
         (DATA / "base.json").write_text(json.dumps(info, indent=2) + "\n")
     elif args.command == "overfit":
         from experiments.poc.overfit import run_overfit

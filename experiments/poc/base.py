@@ -84,21 +84,25 @@ def product_crop(mask: torch.Tensor, generator: torch.Generator) -> tuple[int, i
     return top, left
 
 
-def train_vae(clips: torch.Tensor, masks: torch.Tensor, photos: torch.Tensor, steps: int, batch_size: int, lr: float,
-              kl_weight: float, device: str, seed: int = 0, log=print) -> AutoencoderKLWan:
-    """Train a small AutoencoderKLWan on CROP crops around the product of whole windows (N, 3, T,
-    H, W) in [0, 1] with their masks (N, 1, T, H, W), every PHOTO_EVERY-th step on photo canvases
-    (N, 3, 1, H, W): L1 + MSE reconstruction, product pixels weighted PRODUCT_WEIGHT more, + a
-    small KL (the VAE must stay a VAE: diffusion reads latent_dist.mode()), AdamW, warm-up then
-    cosine."""
+def train_vae(clips: torch.Tensor, masks: torch.Tensor, photos: torch.Tensor, steps: int, seconds: float,
+              batch_size: int, lr: float, kl_weight: float, device: str, seed: int = 0,
+              log=print) -> tuple[AutoencoderKLWan, int]:
+    """(the VAE, steps taken): a small AutoencoderKLWan trained on CROP crops around the product
+    of whole windows (N, 3, T, H, W) in [0, 1] with their masks (N, 1, T, H, W), every
+    PHOTO_EVERY-th step on photo canvases (N, 3, 1, H, W): L1 + MSE reconstruction, product pixels
+    weighted PRODUCT_WEIGHT more, + a small KL (the VAE must stay a VAE: diffusion reads
+    latent_dist.mode()), AdamW, warm-up then cosine. It stops after `steps` steps or `seconds`,
+    whichever comes first, and the cosine follows that progress, so a run cut by time still ends
+    annealed (a GPU call allows 10 minutes and this step cannot resume)."""
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(**VAE).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
-    for step in range(steps):
+    step = 0
+    while (progress := max(step / steps, (time.perf_counter() - started) / seconds)) < 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress))
         if step % PHOTO_EVERY == PHOTO_EVERY - 1:
             picked = photos[torch.randint(len(photos), (2 * batch_size,), generator=generator)]
             weight = torch.ones_like(picked[:, :1])
@@ -122,11 +126,12 @@ def train_vae(clips: torch.Tensor, masks: torch.Tensor, photos: torch.Tensor, st
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
+        if step % 100 == 0:
             log(f"vae step {step:5d}  loss {loss.item():.4f}  psnr {psnr(_unit(recon), _unit(x)):.2f} dB  "
                 f"{time.perf_counter() - started:.0f} s")
-    return vae.eval()
+        step += 1
+    log(f"vae: {step} steps in {time.perf_counter() - started:.0f} s")
+    return vae.eval(), step
 
 
 def _unit(video: torch.Tensor) -> np.ndarray:
@@ -169,15 +174,17 @@ def measure_vae(vae: AutoencoderKLWan, train: torch.Tensor, test: tuple[torch.Te
 
 
 def build_base(folder: Path, dataset: Path, frames: int, stride: int, height: int, width: int, vae_steps: int,
-               vae_batch: int, vae_lr: float, seed: int = 0, device: str = "cuda", log=print) -> dict:
-    """Write the base model folder; returns measure_vae's figures + {vae_seconds, train_clips}."""
+               vae_seconds: float, vae_batch: int, vae_lr: float, seed: int = 0, device: str = "cuda",
+               log=print) -> dict:
+    """Write the base model folder; returns measure_vae's figures + {vae_seconds, vae_steps,
+    vae_batch, train_clips}."""
     clips, masks = split_windows(dataset, "train", frames, stride, height, width, limit=400)
     test = split_windows(dataset, "test", frames, stride, height, width)
     photos = photo_canvases(dataset, height, width)
     log(f"vae: {len(clips)} train windows of {tuple(clips.shape[1:])}, {len(photos)} photo canvases")
     started = time.perf_counter()
-    vae = train_vae(clips, masks, photos, vae_steps, vae_batch, vae_lr, kl_weight=1e-6, device=device, seed=seed,
-                    log=log)
+    vae, steps = train_vae(clips, masks, photos, vae_steps, vae_seconds, vae_batch, vae_lr, kl_weight=1e-6,
+                           device=device, seed=seed, log=log)
     seconds = time.perf_counter() - started
     figures = measure_vae(vae, clips, test, device)
     vae.register_to_config(latents_mean=figures.pop("latents_mean"), latents_std=figures.pop("latents_std"))
@@ -203,4 +210,4 @@ def build_base(folder: Path, dataset: Path, frames: int, stride: int, height: in
                            crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}).save_pretrained(tmp)
     with root.atomic_dir("scheduler") as tmp:
         make_scheduler("unipc", 3.0).save_pretrained(tmp)
-    return figures | {"vae_seconds": seconds, "train_clips": len(clips)}
+    return figures | {"vae_seconds": seconds, "vae_steps": steps, "vae_batch": vae_batch, "train_clips": len(clips)}
