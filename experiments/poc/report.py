@@ -23,13 +23,14 @@ METRICS = ("loss", "loss_inside_mask", "loss_outside_mask")  # the objective, an
 
 def training_runs(client: MlflowClient) -> dict[str, tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]]:
     """{run name: (run id, {metric: (steps, values)})} of the PoC's training runs (named by
-    train.run_name), for the METRICS the run logged."""
+    train.run_name), the latest run of each name (an earlier attempt may have crashed), for the
+    METRICS the run logged."""
     names = {override.split("=", 1)[1] for overrides in RUNS.values() for override in overrides["train"]
              if override.startswith("train.run_name=")}
     found = {}
     for experiment in client.search_experiments():
-        for run in client.search_runs([experiment.experiment_id]):
-            if run.info.run_name in names:
+        for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"]):
+            if run.info.run_name in names and run.info.run_name not in found:
                 curves = {}
                 for metric in METRICS:
                     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
