@@ -16,7 +16,7 @@ Registering: a model from a training run (`runs:/<id>/model`, what the train flo
 becomes a new version whose source is that run's artifact; a local model folder is first logged
 to the evaluation run; a model that already is a registry version is not registered again. Each
 version carries the test metrics as tags `metric.<name>`, the evaluation run id, and the
-training data it was trained on (clip keys + content hashes, see tasks.evaluate.training_data_hashes)
+training data it was trained on (clip keys + content hashes, see tasks.training.evaluate.training_data_hashes)
 so `retrain` can tell whether the dataset has new data since.
 """
 from __future__ import annotations
@@ -36,13 +36,13 @@ from models.device import resolve_device
 from storage import tracking
 from storage.hashing import sha256_json
 from storage.results import add_result_argument, emit_result
-from tasks.evaluate import EvaluationError, evaluate_split_task, split_rows, training_data_hashes
-from tasks.model_store import (IncompatibleCheckpointError, is_base_model, load_pipeline, read_model_card,
+from tasks.training.evaluate import EvaluationError, evaluate_split_task, split_rows, training_data_hashes
+from tasks.training.model_store import (IncompatibleCheckpointError, is_base_model, load_pipeline, read_model_card,
                                read_run_config, resolve_model)
-from tasks.report import publish_poc_report
-from tasks.run_config import MlflowConfig, RunConfig, load_run_config
+from tasks.training.report import publish_poc_report
+from tasks.training.run_config import MlflowConfig, RunConfig, load_run_config
 
-LOSS_METRIC = "loss"  # what the train flow (tasks/train.py) logs per optimizer step
+LOSS_METRIC = "loss"  # what the train flow (tasks/training/train.py) logs per optimizer step
 TRAINING_DATA_ARTIFACT = "training_data.json"
 TRAINING_DATA_TAG = "training_data.fingerprint"
 TRAINING_DATA_RUN_TAG = "training_data.run_id"  # the run whose artifacts hold TRAINING_DATA_ARTIFACT

@@ -10,7 +10,7 @@ build-dataset (incremental, cached) ─ new data since the champion? ─ no ─>
 Scheduled weekly and triggered by completed build-dataset deployment runs (prefect.yaml).
 
 "New data" is decided on content, not dates: the training split's clips as {clip_key: content
-hash} (clip, masks, product photos and caption; tasks.evaluate.training_data_hashes) compared
+hash} (clip, masks, product photos and caption; tasks.training.evaluate.training_data_hashes) compared
 with the same map recorded for the champion when it was evaluated and registered (artifact
 `training_data.json` of its evaluation run, named by the version tag `training_data.run_id`).
 A clip added or re-built with other content is new data; clips that only disappeared are not a
@@ -28,8 +28,8 @@ from flows.build_dataset import build_dataset
 from flows.evaluate import TRAINING_DATA_ARTIFACT, TRAINING_DATA_RUN_TAG, evaluate
 from flows.train import train
 from storage import tracking
-from tasks.evaluate import training_data_hashes
-from tasks.run_config import load_run_config
+from tasks.training.evaluate import training_data_hashes
+from tasks.training.run_config import load_run_config
 
 
 def champion_version(name: str):
