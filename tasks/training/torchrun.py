@@ -105,7 +105,8 @@ def train_with_torchrun(cfg: RunConfig, resume: bool = True, init_from: str | No
 @record  # a rank's exception goes into torchrun's failure report
 def main(argv: list[str] | None = None) -> None:
     """One rank of train_with_torchrun."""
-    parser = argparse.ArgumentParser(description="One torchrun rank of the train flow (see tasks/training/torchrun.py).")
+    parser = argparse.ArgumentParser(
+        description="One torchrun rank of the train flow (see tasks/training/torchrun.py).")
     parser.add_argument("--config", required=True, help="resolved run config YAML")
     parser.add_argument("--result", required=True, help="rank 0 writes the training result here")
     parser.add_argument("--no-resume", dest="resume", action="store_false")

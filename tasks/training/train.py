@@ -52,12 +52,12 @@ from storage.images import save_png
 from storage.layout import DatasetRoot
 from storage.tracking import resolve_model_uri, setup_mlflow
 from storage.video import write_video
-from tasks.training.distributed import (World, gather_model, is_sharded, is_sharded_checkpoint, joined_world, load_sharded,
-                               prepare_model, save_sharded, shared_atomic_dir, stage_module)
+from tasks.training.distributed import (World, gather_model, is_sharded, is_sharded_checkpoint, joined_world,
+                                        load_sharded, prepare_model, save_sharded, shared_atomic_dir, stage_module)
 from tasks.training.model_store import (IncompatibleCheckpointError, load_model_folder, read_model_card,
-                               resolve_model_config, save_model_folder)
+                                        resolve_model_config, save_model_folder)
 from tasks.training.precompute import (LatentsError, LatentSpec, check_latents, load_clip_window, load_latents,
-                              load_product_photos)
+                                       load_product_photos)
 from tasks.training.run_config import RunConfig, StageConfig, flatten, prompt_of
 
 CHECKPOINTS = "checkpoints"
