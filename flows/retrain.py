@@ -12,10 +12,10 @@ Scheduled weekly and triggered by completed build-dataset deployment runs (prefe
 "New data" is decided on content, not dates: the training split's clips as {clip_key: content
 hash} (clip, masks, product photos and caption; tasks.training.evaluate.training_data_hashes) compared
 with the same map recorded for the champion when it was evaluated and registered (artifact
-`training_data.json` of its evaluation run, named by the version tag `training_data.run_id`).
-A clip added or re-built with other content is new data; clips that only disappeared are not a
-reason to retrain. A champion without that record (registered by hand) is retrained, since
-nothing proves its data is current.
+`training_data.json` of its evaluation run, named by the version tag `training_data.run_id`;
+tasks.training.registry writes and reads that record). A clip added or re-built with other content
+is new data; clips that only disappeared are not a reason to retrain. A champion without that
+record (registered by hand) is retrained, since nothing proves its data is current.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.build_dataset import build_dataset
-from flows.evaluate import TRAINING_DATA_ARTIFACT, TRAINING_DATA_RUN_TAG, evaluate
+from flows.evaluate import evaluate
 from flows.train import train
 from storage import tracking
-from tasks.training.evaluate import training_data_hashes
+from tasks.training.registry import data_changes
 from tasks.training.run_config import load_run_config
 
 
@@ -40,19 +40,6 @@ def champion_version(name: str):
         raise tracking.ModelNotFoundError(
             f"{name} has no champion to fine-tune: train and evaluate a first model (flows train + "
             "evaluate, or `python -m demo`), then retrain") from error
-
-
-def data_changes(version, dataset_root: str) -> dict:
-    """Train clips of the dataset that the champion has not seen: {"new", "changed", "removed",
-    "known": bool (False when the champion has no record of its training data)}."""
-    current = training_data_hashes(dataset_root)
-    record_run = version.tags.get(TRAINING_DATA_RUN_TAG)
-    if not record_run:
-        return {"new": sorted(current), "changed": [], "removed": [], "known": False}
-    seen = mlflow.artifacts.load_dict(f"runs:/{record_run}/{TRAINING_DATA_ARTIFACT}")["clips"]
-    return {"new": sorted(set(current) - set(seen)),
-            "changed": sorted(k for k in set(current) & set(seen) if current[k] != seen[k]),
-            "removed": sorted(set(seen) - set(current)), "known": True}
 
 
 def _describe(changes: dict, version: str) -> str:
