@@ -34,7 +34,7 @@ from flows.build_dataset import build_dataset
 from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.video import EncodeSettings, VideoWriter, fit_crop, iter_frames, read_video, resample_cfr
-from tasks.scenes import SceneConfig, find_shots
+from tasks.dataset.scenes import SceneConfig, find_shots
 
 
 def cut_f1(source: Path, truth: dict, cfg: SceneConfig) -> tuple[float, int, int, int]:

@@ -16,7 +16,7 @@ three objects per clip, and the batched path's time per step. Prints one JSON li
 markdown table last, and writes $OUT/gpu_segmentation.json when OUT is set.
 
 GPU box, from the repo root, with sam2 and its dependencies (.whl/seg) and this project's own
-(pydantic, prefect: tasks.stage is imported) installed:
+(pydantic, prefect: tasks.dataset.stage is imported) installed:
     OUT=/tmp/out TQDM_DISABLE=1 python3 -m benchmarks.gpu_segmentation
 CPU smoke run of the same code on tiny models (seconds):
     TQDM_DISABLE=1 python -m benchmarks.gpu_segmentation --tiny

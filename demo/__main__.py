@@ -20,8 +20,8 @@ from storage.images import save_png
 from storage.layout import DatasetRoot
 from storage.tracking import DEFAULT_MODEL_URI, tracking_uri
 from storage.video import write_video
-from tasks.evaluate import load_clip, split_rows
-from tasks.run_config import RunConfig, load_run_config
+from tasks.training.evaluate import load_clip, split_rows
+from tasks.training.run_config import RunConfig, load_run_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

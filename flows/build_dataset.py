@@ -5,7 +5,7 @@ source tree ─ ingest ─┬─ scenes (per video) ─ segment (per clip) ─ m
                       └─ product images (per product) ─────────────────────────────────┴─ assemble
 ```
 
-Every per-item step is a cached, retryable Prefect task (tasks/stage.py): re-running with nothing
+Every per-item step is a cached, retryable Prefect task (tasks/dataset/stage.py): re-running with nothing
 changed does no work, a new product is processed alone, a changed option re-runs that stage and
 what follows. Bad items become rows of `manifests/rejects.parquet`; only systemic errors fail the run.
 """
@@ -33,13 +33,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from storage.errors import SystemicError
 from storage.layout import DatasetRoot
 from storage.rejects import reject_row
-from tasks.assemble import SPLITS, SplitConfig, assemble
-from tasks.ingest import ingest_task
-from tasks.masking import MaskConfig, masking_task
-from tasks.product_images import ImageConfig, product_images_task
-from tasks.scenes import SceneConfig, scenes_task
-from tasks.segment import SegmentConfig, segment_task
-from tasks.stage import StageResult, cache_storage
+from tasks.dataset.assemble import SPLITS, SplitConfig, assemble
+from tasks.dataset.ingest import ingest_task
+from tasks.dataset.masking import MaskConfig, masking_task
+from tasks.dataset.product_images import ImageConfig, product_images_task
+from tasks.dataset.scenes import SceneConfig, scenes_task
+from tasks.dataset.segment import SegmentConfig, segment_task
+from tasks.dataset.stage import StageResult, cache_storage
 
 # Fields of each stage's rows that name files under the root: a cached result whose files are
 # gone (someone deleted them) is recomputed instead of trusted.

@@ -16,8 +16,9 @@ Registering: a model from a training run (`runs:/<id>/model`, what the train flo
 becomes a new version whose source is that run's artifact; a local model folder is first logged
 to the evaluation run; a model that already is a registry version is not registered again. Each
 version carries the test metrics as tags `metric.<name>`, the evaluation run id, and the
-training data it was trained on (clip keys + content hashes, see tasks.evaluate.training_data_hashes)
-so `retrain` can tell whether the dataset has new data since.
+training data it was trained on (clip keys + content hashes, see tasks.training.registry)
+so `retrain` can tell whether the dataset has new data since. Which version becomes champion is
+tasks.training.registry.promote_if_better's rule.
 """
 from __future__ import annotations
 
@@ -34,18 +35,16 @@ from prefect.artifacts import create_table_artifact
 from models import metrics as m
 from models.device import resolve_device
 from storage import tracking
-from storage.hashing import sha256_json
 from storage.results import add_result_argument, emit_result
-from tasks.evaluate import EvaluationError, evaluate_split_task, split_rows, training_data_hashes
-from tasks.model_store import (IncompatibleCheckpointError, is_base_model, load_pipeline, read_model_card,
-                               read_run_config, resolve_model)
-from tasks.report import publish_poc_report
-from tasks.run_config import MlflowConfig, RunConfig, load_run_config
+from tasks.training.evaluate import EvaluationError, evaluate_split_task, split_rows
+from tasks.training.model_store import (IncompatibleCheckpointError, is_base_model, load_pipeline, read_model_card,
+                                        read_run_config, resolve_model)
+from tasks.training.registry import (TRAINING_DATA_RUN_TAG, TRAINING_DATA_TAG, promote_if_better,
+                                     record_training_data)
+from tasks.training.report import publish_poc_report
+from tasks.training.run_config import MlflowConfig, RunConfig, load_run_config
 
-LOSS_METRIC = "loss"  # what the train flow (tasks/train.py) logs per optimizer step
-TRAINING_DATA_ARTIFACT = "training_data.json"
-TRAINING_DATA_TAG = "training_data.fingerprint"
-TRAINING_DATA_RUN_TAG = "training_data.run_id"  # the run whose artifacts hold TRAINING_DATA_ARTIFACT
+LOSS_METRIC = "loss"  # what the train flow (tasks/training/train.py) logs per optimizer step
 
 
 def effective_config(model_config: RunConfig, config: str | None, dataset: str | None,
@@ -97,10 +96,7 @@ def _record_training_data(run_id: str, model_config: RunConfig, card: dict) -> s
     The dataset is the one the model card (else the model's run config) names, read now: the
     evaluate flow runs right after training in train -> evaluate and retrain.
     """
-    root = card.get("dataset_root") or model_config.data.root
-    hashes = training_data_hashes(root)
-    MlflowClient().log_dict(run_id, {"dataset_root": str(root), "clips": hashes}, TRAINING_DATA_ARTIFACT)
-    return sha256_json(hashes)
+    return record_training_data(run_id, card.get("dataset_root") or model_config.data.root)
 
 
 def register_evaluated(source: tracking.ModelSource, model_dir: Path, eval_run_id: str, test_metrics: dict,
@@ -121,8 +117,8 @@ def register_evaluated(source: tracking.ModelSource, model_dir: Path, eval_run_i
         tags={"evaluation_run_id": eval_run_id, TRAINING_DATA_TAG: fingerprint,
               TRAINING_DATA_RUN_TAG: eval_run_id, "dataset_root": str(run_config.data.root)})
     if run_config.registry.promote:
-        decision = tracking.promote_if_better(name, version, run_config.evaluate.primary_metric,
-                                              run_config.evaluate.higher_is_better)
+        decision = promote_if_better(name, version, run_config.evaluate.primary_metric,
+                                     run_config.evaluate.higher_is_better)
     else:
         tracking.set_alias(name, tracking.CHALLENGER, version)
         decision = {"promoted": False, "reason": "registry.promote is false"}

@@ -42,8 +42,8 @@ from storage import tracking
 from storage.images import ImageError, load_mask_png, load_photo_rgba
 from storage.layout import DatasetRoot
 from storage.video import VideoError, probe, read_video, write_video
-from tasks.model_store import IncompatibleCheckpointError, load_pipeline
-from tasks.run_config import RunConfig
+from tasks.training.model_store import IncompatibleCheckpointError, load_pipeline
+from tasks.training.run_config import RunConfig
 
 MAX_IMAGES = 5
 SIZE_MULTIPLE = SPATIAL_FACTOR * 2  # VAE 8x, then the DiT's 2x2 patches

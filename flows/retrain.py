@@ -10,26 +10,39 @@ build-dataset (incremental, cached) ─ new data since the champion? ─ no ─>
 Scheduled weekly and triggered by completed build-dataset deployment runs (prefect.yaml).
 
 "New data" is decided on content, not dates: the training split's clips as {clip_key: content
-hash} (clip, masks, product photos and caption; tasks.evaluate.training_data_hashes) compared
+hash} (clip, masks, product photos and caption; tasks.training.evaluate.training_data_hashes) compared
 with the same map recorded for the champion when it was evaluated and registered (artifact
-`training_data.json` of its evaluation run, named by the version tag `training_data.run_id`).
-A clip added or re-built with other content is new data; clips that only disappeared are not a
-reason to retrain. A champion without that record (registered by hand) is retrained, since
-nothing proves its data is current.
+`training_data.json` of its evaluation run, named by the version tag `training_data.run_id`;
+tasks.training.registry writes and reads that record). A clip added or re-built with other content
+is new data; clips that only disappeared are not a reason to retrain. A champion without that
+record (registered by hand) is retrained, since nothing proves its data is current.
+
+build-dataset, train and evaluate run as subflows of retrain (child flow runs in the Prefect UI,
+in this process), but flows import no flows (tests/test_layers.py): retrain loads each one by its
+entrypoint (`SUBFLOWS`, the same flows prefect.yaml deploys) when it runs, so their parameters are
+its only contract with them; what it shares with evaluate lives in tasks/training/registry.py. The
+alternative, `run_deployment`, would need the deployments and a worker for every run of retrain.
 """
 from __future__ import annotations
 
 import mlflow
 from mlflow.tracking import MlflowClient
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.flows import load_flow_from_entrypoint
 
-from flows.build_dataset import build_dataset
-from flows.evaluate import TRAINING_DATA_ARTIFACT, TRAINING_DATA_RUN_TAG, evaluate
-from flows.train import train
 from storage import tracking
-from tasks.evaluate import training_data_hashes
-from tasks.run_config import load_run_config
+from tasks.training.registry import data_changes
+from tasks.training.run_config import load_run_config
+
+# The flows retrain runs, by entrypoint (module:function; prefect.yaml names the same files).
+SUBFLOWS = {"build_dataset": "flows.build_dataset:build_dataset", "train": "flows.train:train",
+            "evaluate": "flows.evaluate:evaluate"}
+
+
+def subflow(step: str) -> Flow:
+    """The flow that retrain runs as `step` (a key of SUBFLOWS), loaded from its entrypoint."""
+    return load_flow_from_entrypoint(SUBFLOWS[step], use_placeholder_flow=False)
 
 
 def champion_version(name: str):
@@ -40,19 +53,6 @@ def champion_version(name: str):
         raise tracking.ModelNotFoundError(
             f"{name} has no champion to fine-tune: train and evaluate a first model (flows train + "
             "evaluate, or `python -m demo`), then retrain") from error
-
-
-def data_changes(version, dataset_root: str) -> dict:
-    """Train clips of the dataset that the champion has not seen: {"new", "changed", "removed",
-    "known": bool (False when the champion has no record of its training data)}."""
-    current = training_data_hashes(dataset_root)
-    record_run = version.tags.get(TRAINING_DATA_RUN_TAG)
-    if not record_run:
-        return {"new": sorted(current), "changed": [], "removed": [], "known": False}
-    seen = mlflow.artifacts.load_dict(f"runs:/{record_run}/{TRAINING_DATA_ARTIFACT}")["clips"]
-    return {"new": sorted(set(current) - set(seen)),
-            "changed": sorted(k for k in set(current) & set(seen) if current[k] != seen[k]),
-            "removed": sorted(set(seen) - set(current)), "known": True}
 
 
 def _describe(changes: dict, version: str) -> str:
@@ -73,6 +73,7 @@ def retrain(source: str = "data/demo/source", dataset: str | None = None, config
     accept (a stricter `scenes` would drop clips, which are then reported as removed).
     """
     logger = get_run_logger()
+    build_dataset, train, evaluate = (subflow(step) for step in ("build_dataset", "train", "evaluate"))
     cfg = load_run_config(config, [f"data.root={dataset}"] if dataset else [])
     dataset = cfg.data.root
     tracking.setup_mlflow(cfg.mlflow.experiment, cfg.mlflow.data_dir)

@@ -8,7 +8,7 @@ the same MLflow run (`--no-resume` starts a new one). MLflow: MLFLOW_TRACKING_UR
 SQLite under `mlflow.data_dir` (`mlflow ui --backend-store-uri sqlite:///data/mlflow/mlflow.db`).
 
 With train.distributed.nproc_per_node > 1 (or strategy fsdp) it trains through torchrun on that
-many GPUs of this host (tasks/torchrun.py, docs/distributed.md):
+many GPUs of this host (tasks/training/torchrun.py, docs/distributed.md):
 
     python -m flows.train --config configs/poc-1.3b.yaml --set train.distributed.nproc_per_node=2
 """
@@ -20,10 +20,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from storage.results import add_result_argument, emit_result
-from tasks.precompute import precompute_latents
-from tasks.run_config import load_run_config
-from tasks.torchrun import train_with_torchrun
-from tasks.train import run_training
+from tasks.training.precompute import precompute_latents
+from tasks.training.run_config import load_run_config
+from tasks.training.torchrun import train_with_torchrun
+from tasks.training.train import run_training
 
 
 @flow(name="precompute", log_prints=True)

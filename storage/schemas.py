@@ -118,7 +118,7 @@ DATASET = pa.schema(
     ]
 )
 
-# Precompute: one row per clip sample window whose training tensors are stored (tasks/precompute.py).
+# Precompute: one row per clip sample window whose training tensors are stored (tasks/training/precompute.py).
 LATENTS = pa.schema(
     [
         pa.field("clip_key", pa.string(), nullable=False),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.run_config import RunConfig, load_run_config
+from tasks.training.run_config import RunConfig, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -25,8 +25,8 @@ def build_tiny_dataset(folder: Path, num_products: int = NUM_PRODUCTS, seed: int
     """Synthetic product pages -> build-dataset (classic segmenter, 96x144 clips of 1-3 s)."""
     from demo.studio import StudioConfig, generate_studio
     from flows.build_dataset import build_dataset
-    from tasks.assemble import SplitConfig
-    from tasks.scenes import SceneConfig
+    from tasks.dataset.assemble import SplitConfig
+    from tasks.dataset.scenes import SceneConfig
 
     output = folder / "dataset"
     if (output / "manifests" / "dataset.parquet").is_file():

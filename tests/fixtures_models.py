@@ -16,7 +16,7 @@ import pytest
 from models.transformer import ProductVideoGenerator
 from flows.evaluate import LOSS_METRIC
 from storage import tracking
-from tasks.model_store import resolve_model_config, save_model_folder
+from tasks.training.model_store import resolve_model_config, save_model_folder
 from tests.fixtures_dataset import tiny_data_dir, tiny_run_config  # noqa: F401 (fixtures)
 
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -74,7 +74,7 @@ def tiny_config_file(split_dataset, local_mlflow, tmp_path_factory) -> Path:
 def log_untrained_model(config_file: Path, folder: Path, losses=(1.0, 0.9, 0.8)) -> str:
     """Save the tiny generator as initialised into a model folder, log it to a new MLflow run at
     artifact path `model` with a loss curve; return `runs:/<id>/model`."""
-    from tasks.run_config import load_run_config
+    from tasks.training.run_config import load_run_config
 
     run_config = load_run_config(config_file)
     cfg = resolve_model_config(run_config.model, run_config.mlflow.data_dir)

@@ -14,8 +14,8 @@ from demo.bad_inputs import add_bad_inputs
 from demo.studio import StudioConfig, generate_studio
 from flows.build_dataset import build_dataset, run_with_dask
 from storage.images import load_mask_png
-from tasks.scenes import SceneConfig
-from tasks.segment import SegmentConfig
+from tasks.dataset.scenes import SceneConfig
+from tasks.dataset.segment import SegmentConfig
 
 pytestmark = pytest.mark.slow
 SMALL = SceneConfig(min_short_side=None, height=96, width=144, min_clip_s=1.0, max_clip_s=3.0)

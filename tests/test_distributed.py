@@ -16,11 +16,11 @@ from prefect import flow
 
 from flows.train import precompute, train
 from storage.tracking import tracking_uri
-from tasks.distributed import rank_rows
-from tasks.model_store import load_model_folder
-from tasks.run_config import load_run_config
-from tasks.torchrun import TorchrunError, run_torchrun
-from tasks.train import TrainData, run_training
+from tasks.training.distributed import rank_rows
+from tasks.training.model_store import load_model_folder
+from tasks.training.run_config import load_run_config
+from tasks.training.torchrun import TorchrunError, run_torchrun
+from tasks.training.train import TrainData, run_training
 from tests.fixtures_dataset import TINY_CONFIG, tiny_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # torchrun ranks get OMP_NUM_THREADS=1

@@ -11,7 +11,7 @@ from storage import tracking
 from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.video import read_video
-from tasks.evaluate import split_rows
+from tasks.training.evaluate import split_rows
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,12 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.evaluate import TRAINING_DATA_TAG, evaluate
+from flows.evaluate import evaluate
 from flows.evaluate import main as evaluate_cli
 from storage import tracking
 from storage.layout import DatasetRoot
-from tasks.evaluate import EvaluationError, read_rows, split_rows, training_data_hashes
+from tasks.training.evaluate import EvaluationError, read_rows, split_rows, training_data_hashes
+from tasks.training.registry import TRAINING_DATA_TAG
 from tests.fixtures_models import write_config
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from models.tiny import TINY_SAM2, TINY_SAM2_OVERRIDES  # small enough for CPU t
 from storage.errors import SystemicError
 from storage.layout import DatasetRoot
 from storage.video import write_video
-from tasks.segment import SegmentConfig, segment_clip
+from tasks.dataset.segment import SegmentConfig, segment_clip
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "ceramic", "mug", "shoe"]
 

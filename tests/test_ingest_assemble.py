@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from tasks.assemble import SplitConfig, assemble, assign_splits
-from tasks.ingest import ingest_source
+from tasks.dataset.assemble import SplitConfig, assemble, assign_splits
+from tasks.dataset.ingest import ingest_source
 
 
 def make_product(root, pid, videos=("a.mp4",), images=("front.jpg", "side.jpg", "back.jpg"), meta=None):

@@ -13,7 +13,7 @@ import pytest
 from storage.images import save_png
 from storage.schemas import to_table
 from storage.video import EncodeSettings, read_video, write_video
-from tasks.masking import MaskConfig, fill_frame, mask_clip
+from tasks.dataset.masking import MaskConfig, fill_frame, mask_clip
 
 T, H, W, FPS = 12, 64, 96, 24.0
 

@@ -207,7 +207,7 @@ def test_the_specification_is_the_one_place_that_loads_models_and_chooses_weight
 
     root = Path(__file__).resolve().parents[1]
     offenders = [f"{path.relative_to(root)}:{number}" for folder in ("tasks", "flows")
-                 for path in sorted((root / folder).glob("*.py"))
+                 for path in sorted((root / folder).rglob("*.py"))
                  for number, line in enumerate(path.read_text().splitlines(), 1)
                  if ".from_pretrained(" in line or ".requires_grad_(" in line]
     assert offenders == []

@@ -17,7 +17,7 @@ from storage.hashing import sha256_file
 from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.video import read_video
-from tasks.precompute import clip_items, load_clip_window
+from tasks.training.precompute import clip_items, load_clip_window
 
 PRODUCTS = 8  # two shapes of four colourways: enough for train, val and test
 

@@ -12,9 +12,9 @@ from flows.train import precompute
 from models.pipeline import encode_reference_photos, encode_video, fill_masked
 from storage.hashing import sha256_file
 from storage.layout import DatasetRoot
-from tasks.precompute import (LatentsError, LatentSpec, _encoders, load_clip_window, load_clip_windows,
-                              load_product_photos, precompute_product, product_items, window_starts)
-from tasks.train import TrainData, TrainingError
+from tasks.training.precompute import (LatentsError, LatentSpec, _encoders, load_clip_window, load_clip_windows,
+                                       load_product_photos, precompute_product, product_items, window_starts)
+from tasks.training.train import TrainData, TrainingError
 from tests.fixtures_dataset import TINY_CONFIG, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -19,7 +19,7 @@ from models.background import classic_alpha, rembg_alpha, rembg_session
 from storage.errors import SystemicError
 from storage.images import load_photo
 from storage.schemas import to_table
-from tasks.product_images import ImageConfig, process_product_images, view_names
+from tasks.dataset.product_images import ImageConfig, process_product_images, view_names
 
 BACKDROP = (236, 236, 232)
 PRODUCT = (180, 40, 30)

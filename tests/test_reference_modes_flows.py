@@ -7,7 +7,7 @@ import pytest
 
 from flows.evaluate import evaluate
 from flows.train import train
-from tasks.model_store import load_model_folder, read_model_card
+from tasks.training.model_store import load_model_folder, read_model_card
 from tests.fixtures_models import write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

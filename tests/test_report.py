@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models import metrics as m
-from tasks import report as r
+from tasks.training import report as r
 
 CONVERGED = list(1.0 / (1 + 0.05 * np.arange(200)) + 0.02 * np.sin(np.arange(200)))
 DIVERGING = list(np.linspace(1.0, 0.6, 100)) + list(np.linspace(0.6, 3.0, 100))

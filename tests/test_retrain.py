@@ -7,9 +7,10 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.retrain import data_changes, retrain
+from flows.retrain import retrain
 from storage import tracking
 from storage.layout import DatasetRoot
+from tasks.training.registry import data_changes
 from tests.fixtures_models import BUILD_OPTIONS, write_config
 
 pytestmark = pytest.mark.slow

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from models.spec import specification
-from tasks.model_store import (IncompatibleCheckpointError, load_model_folder, load_pipeline, read_model_card,
-                               resolve_model_config, save_model_folder)
-from tasks.run_config import flatten, load_run_config
+from tasks.training.model_store import (IncompatibleCheckpointError, load_model_folder, load_pipeline, read_model_card,
+                                        resolve_model_config, save_model_folder)
+from tasks.training.run_config import flatten, load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

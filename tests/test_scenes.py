@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-import tasks.scenes as scenes
+import tasks.dataset.scenes as scenes
 from storage.hashing import sha256_file
 from storage.schemas import to_table
 from storage.video import VideoError, fit_crop, iter_frames, probe, read_video, resample_cfr, write_video
-from tasks.scenes import SceneConfig, find_shots, split_video
+from tasks.dataset.scenes import SceneConfig, find_shots, split_video
 
 FPS = 24
 H, W = 96, 128  # source and output size where the test is not about resolution (see test_rerun)

@@ -15,7 +15,7 @@ from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.schemas import to_table
 from storage.video import work_size, write_video
-from tasks.segment import (
+from tasks.dataset.segment import (
     SegmentConfig,
     dilate,
     fill_holes,

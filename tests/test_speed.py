@@ -11,7 +11,7 @@ from models import speed
 from models.config import SamplerConfig
 from models.objective import flow_matching_loss
 from models.spec import set_trainable, specification
-from tasks.run_config import load_run_config
+from tasks.training.run_config import load_run_config
 from tests.test_model_training import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,7 +14,7 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.train import train
 from storage.tracking import tracking_uri
-from tasks.model_store import IncompatibleCheckpointError, load_model_folder, read_model_card
+from tasks.training.model_store import IncompatibleCheckpointError, load_model_folder, read_model_card
 from tests.fixtures_dataset import REPO, TINY_CONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -23,7 +23,7 @@ TINY_VACE = REPO / "configs" / "tiny-vace.yaml"
 @pytest.fixture(scope="module")
 def vace_config(split_dataset, local_mlflow, tmp_path_factory) -> Path:
     """configs/tiny-vace.yaml pointed at the test dataset and MLflow store, as a file."""
-    from tasks.run_config import load_run_config
+    from tasks.training.run_config import load_run_config
 
     config = load_run_config(TINY_VACE, [f"data.root={split_dataset}", f"mlflow.data_dir={local_mlflow}",
                                          f"train.runs_dir={local_mlflow / 'runs'}", "evaluate.max_clips=2",
@@ -54,7 +54,7 @@ def test_zero_shot_vace_and_its_fine_tuned_lora_are_evaluated_side_by_side(vace_
 def test_zero_shot_generate_from_a_base_uri_reads_the_photos(vace_config, tmp_path):
     import torch
 
-    from tasks.model_store import load_pipeline
+    from tasks.training.model_store import load_pipeline
 
     torch.set_num_threads(1)
     video, masks, photos = _inputs(tmp_path, images=2)

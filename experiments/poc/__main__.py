@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "base":
         from experiments.poc.base import build_base
         from models.device import resolve_device
-        from tasks.run_config import load_run_config
+        from tasks.training.run_config import load_run_config
         d = load_run_config(args.config).data
         info = build_base(DATA / "base", DATA / "dataset", d.frames, d.frame_stride, d.height, d.width,
                           vae_steps=args.vae_steps, vae_seconds=args.vae_seconds, vae_batch=args.vae_batch,
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "measure":
         from experiments.poc.measure import measure as measure_runs
         from models.device import resolve_device
-        from tasks.run_config import load_run_config
+        from tasks.training.run_config import load_run_config
         result = measure_runs({label: getattr(args, label) for label in RUNS}, DATA / "dataset", load_run_config(args.config),
                               args.out, device=resolve_device("auto").type)
         print(json.dumps(result, indent=2))
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"no --model, and {result} (run A's training result) does not exist: train run A "
                          "first (python -m experiments.poc gpu) or pass --model")
         from storage.tracking import ModelNotFoundError
-        from tasks.model_store import IncompatibleCheckpointError
+        from tasks.training.model_store import IncompatibleCheckpointError
         model = args.model or json.loads(result.read_text())["model_uri"]
         try:
             measure_step_cache(model, args.thresholds, Path(args.out), steps=args.steps, max_clips=args.max_clips)

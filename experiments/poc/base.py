@@ -35,7 +35,7 @@ from models.metrics import psnr
 from models.pipeline import make_scheduler, photo_canvas
 from models.tiny import TINY_TEXT_DIM, tiny_text_encoder, tiny_tokenizer
 from storage.layout import DatasetRoot
-from tasks.precompute import load_clip_window, load_product_photos
+from tasks.training.precompute import load_clip_window, load_product_photos
 
 PHOTO_EVERY = 4  # every 4th VAE step trains on photo canvases (single frames) instead of video windows
 CROP = (64, 96)  # spatial crop of the video windows while training the VAE

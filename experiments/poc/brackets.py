@@ -21,7 +21,7 @@ import torch
 from models.metrics import psnr
 from storage.images import load_photo
 from storage.layout import DatasetRoot
-from tasks.precompute import load_clip_window
+from tasks.training.precompute import load_clip_window
 
 GATE_DB = 6.0
 MAX_PHOTOS = 4  # the photos the model is given (data.max_product_images)

@@ -29,9 +29,9 @@ import torch
 
 from models import metrics as m
 from storage.images import save_png
-from tasks.evaluate import ClipInputs, load_clip, split_rows
-from tasks.model_store import load_pipeline
-from tasks.run_config import RunConfig
+from tasks.training.evaluate import ClipInputs, load_clip, split_rows
+from tasks.training.model_store import load_pipeline
+from tasks.training.run_config import RunConfig
 
 LOWPASS_SIGMA = 4.0
 HISTOGRAM_BINS = 8

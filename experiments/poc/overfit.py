@@ -20,9 +20,9 @@ from experiments.poc.measure import generate
 from models import metrics as m
 from models.device import resolve_device
 from storage.layout import DatasetRoot
-from tasks.evaluate import load_clip
-from tasks.model_store import load_pipeline
-from tasks.run_config import load_run_config
+from tasks.training.evaluate import load_clip
+from tasks.training.model_store import load_pipeline
+from tasks.training.run_config import load_run_config
 
 MANIFESTS_BY_CLIP = ("clips", "masks", "masked_videos")
 

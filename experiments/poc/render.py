@@ -31,10 +31,10 @@ from storage.hashing import sha256_file, sha256_files, sha256_json
 from storage.images import save_png
 from storage.layout import DatasetRoot, clip_key
 from storage.video import EncodeSettings, VideoWriter
-from tasks.assemble import SPLITS, SplitConfig, assemble
-from tasks.masking import MaskConfig, mask_clip
-from tasks.product_images import ImageConfig, square_cutout
-from tasks.segment import mask_stats
+from tasks.dataset.assemble import SPLITS, SplitConfig, assemble
+from tasks.dataset.masking import MaskConfig, mask_clip
+from tasks.dataset.product_images import ImageConfig, square_cutout
+from tasks.dataset.segment import mask_stats
 
 HEIGHT, WIDTH, FPS = 128, 192, 24.0
 CLIP_SECONDS = (3.0, 4.0)  # 72-96 frames

@@ -22,7 +22,7 @@ from diffusers.hooks import FirstBlockCacheConfig
 from flows.generate import open_model
 from models import metrics
 from models.speed import FullStepCounter, apply_generation_speed
-from tasks.evaluate import generate_clip, load_clip, split_rows
+from tasks.training.evaluate import generate_clip, load_clip, split_rows
 
 
 def mask_psnr_of_mean_error(generated: list[np.ndarray], references: list[np.ndarray],

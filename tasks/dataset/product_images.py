@@ -25,7 +25,7 @@ from storage.hashing import sha256_file
 from storage.images import MAX_PIXELS, load_photo, save_png
 from storage.layout import DatasetRoot, UnsafeNameError, check_safe_name
 from storage.rejects import RejectError, reject_row
-from tasks.stage import StageResult, stage_task
+from tasks.dataset.stage import StageResult, stage_task
 
 STAGE = "product_images"
 

@@ -29,7 +29,7 @@ from models.spec import specification
 from models.tiny import save_tiny, tiny_folder_name
 from storage.layout import DatasetRoot
 from storage.tracking import ModelNotFoundError, resolve_model_uri
-from tasks.run_config import RunConfig, load_run_config, run_config_from_dict
+from tasks.training.run_config import RunConfig, load_run_config, run_config_from_dict
 
 RUN_CONFIG_NAME = "run_config.yaml"
 GENERATOR_DIR = "generator"

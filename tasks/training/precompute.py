@@ -54,9 +54,9 @@ from storage.images import load_mask_png, load_photo_rgba
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError, reject_row
 from storage.video import fit_crop, read_video
-from tasks.model_store import resolve_model_config
-from tasks.run_config import RunConfig, prompt_of
-from tasks.stage import StageResult, cache_storage, stage_task
+from tasks.training.model_store import resolve_model_config
+from tasks.training.run_config import RunConfig, prompt_of
+from tasks.dataset.stage import StageResult, cache_storage, stage_task
 
 STAGE = "precompute"
 STAGE_VERSION = "2"

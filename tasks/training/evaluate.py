@@ -34,9 +34,9 @@ from storage.hashing import sha256_json
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError
 from storage.video import write_video
-from tasks.assemble import SPLITS
-from tasks.precompute import clip_items, load_clip_window, load_product_photos
-from tasks.run_config import DataConfig, EvaluateConfig, RunConfig, prompt_of
+from tasks.dataset.assemble import SPLITS
+from tasks.training.precompute import clip_items, load_clip_window, load_product_photos
+from tasks.training.run_config import DataConfig, EvaluateConfig, RunConfig, prompt_of
 
 ROWS_FILE = "metrics_per_clip.jsonl"
 SUMMARY_FILE = "metrics.json"

@@ -19,7 +19,7 @@ from models.metrics import MetricNetworks
 from models.transformer import SPATIAL_FACTOR, TEMPORAL_FACTOR
 from storage.hashing import sha256_json
 from storage.tracking import MODEL_NAME
-from tasks.report import ReportThresholds
+from tasks.training.report import ReportThresholds
 
 # The DiT patchifies latents 2x2, so pixels must be multiples of 8 (VAE) x 2 (patch).
 PIXEL_MULTIPLE = SPATIAL_FACTOR * 2
@@ -48,7 +48,7 @@ class DataConfig(_Section):
     height: int = Field(480, ge=PIXEL_MULTIPLE)
     width: int = Field(720, ge=PIXEL_MULTIPLE)
     max_product_images: int = Field(4, ge=1)  # the first N photos of a product (seed: 4)
-    # Sample windows per clip, spread evenly over it (tasks/precompute.py): the frames build-dataset
+    # Sample windows per clip, spread evenly over it (tasks/training/precompute.py): the frames build-dataset
     # segmented are frames trained on. Evaluation and sample videos use the first window.
     windows_per_clip: int = Field(1, ge=1)
     # The text prompt: the dataset's caption, or its category word alone (a caption that names the

@@ -59,7 +59,7 @@ from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError, reject_row
 from storage.video import EncodeSettings, VideoWriter, iter_frames
-from tasks.stage import StageResult, stage_task
+from tasks.dataset.stage import StageResult, stage_task
 
 STAGE = "masking"
 NOISE_BLOCK = 16  # pixels: one H.264 macroblock

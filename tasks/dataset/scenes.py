@@ -41,7 +41,7 @@ from storage.hashing import sha256_file
 from storage.layout import DatasetRoot, clip_key
 from storage.rejects import reject_row
 from storage.video import EncodeSettings, VideoError, VideoWriter, iter_frames, probe, resample_cfr
-from tasks.stage import StageResult, stage_task
+from tasks.dataset.stage import StageResult, stage_task
 
 STAGE = "scenes"
 

@@ -35,7 +35,7 @@ from storage.images import save_png
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError, reject_row
 from storage.video import probe, read_video
-from tasks.stage import StageResult, stage_task
+from tasks.dataset.stage import StageResult, stage_task
 
 STAGE = "segment"
 

@@ -1,6 +1,6 @@
-"""What changes when several processes run tasks/train.py's one training loop (docs/distributed.md).
+"""What changes when several processes run tasks/training/train.py's one training loop (docs/distributed.md).
 
-tasks/torchrun.py starts the processes; here is what each of them does differently:
+tasks/training/torchrun.py starts the processes; here is what each of them does differently:
 
 - `World`: this process's rank in torchrun's process group, joined from torchrun's environment
   (`joined_world`), or a plain single process; with the few collectives the loop needs (sum,
@@ -43,7 +43,7 @@ from models.device import resolve_device
 from models.product_encoder import ProductEncoder
 from models.transformer import ProductVideoGenerator, ProductWanTransformer
 from storage.layout import DatasetRoot
-from tasks.run_config import TrainConfig
+from tasks.training.run_config import TrainConfig
 
 DCP_METADATA = ".metadata"  # the file DCP's FileSystemWriter writes last, naming every shard
 # A checkpoint holds the stage's trainable weights only (the frozen ones come from the base model).

@@ -1,7 +1,7 @@
 """The training loop as plain functions: stage 1 then stage 2 (seed section 4), each training what
 its `trains` names: the adapter, the DiT too, or every weight from scratch (models/spec.py).
 
-Reads only precomputed latents (tasks/precompute.py). Per stage: AdamW on the stage's trainable
+Reads only precomputed latents (tasks/training/precompute.py). Per stage: AdamW on the stage's trainable
 weights (fused on CUDA), linear warm-up then cosine decay (diffusers' schedule), bf16 autocast on
 CUDA (float32 on CPU: CPU bf16 autocast is slow and the tests compare numbers), gradient
 accumulation, activation checkpointing and compilation of the Wan blocks (models/speed.py),
@@ -17,7 +17,7 @@ Determinism, which makes a killed run resume onto the same loss curve:
 so a run resumed from step s sees exactly the batches and noise the uninterrupted run saw.
 
 On several GPUs (train.distributed, docs/distributed.md) torchrun runs this same loop on every
-rank: each micro-batch is global and every rank trains its rows of it (tasks/distributed.py), so
+rank: each micro-batch is global and every rank trains its rows of it (tasks/training/distributed.py), so
 the run is the same run whatever the number of GPUs, and resumes on another number.
 
 Run folder `<train.runs_dir>/<run name>/`:
@@ -26,7 +26,7 @@ run.json                          MLflow run id, config fingerprint, status
 checkpoints/step-000042/          one process: trainable.safetensors (this stage's trainable weights,
                                   float32), state.pt (optimizer, scheduler, EMA, torch RNG), meta.json;
                                   torchrun ranks: a DCP folder (.metadata, __<rank>_0.distcp) + meta.json
-model/                            the final model folder (tasks/model_store.py), also MLflow artifact `model`
+model/                            the final model folder (tasks/training/model_store.py), also MLflow artifact `model`
 ```
 """
 from __future__ import annotations
@@ -52,13 +52,13 @@ from storage.images import save_png
 from storage.layout import DatasetRoot
 from storage.tracking import resolve_model_uri, setup_mlflow
 from storage.video import write_video
-from tasks.distributed import (World, gather_model, is_sharded, is_sharded_checkpoint, joined_world, load_sharded,
-                               prepare_model, save_sharded, shared_atomic_dir, stage_module)
-from tasks.model_store import (IncompatibleCheckpointError, load_model_folder, read_model_card,
-                               resolve_model_config, save_model_folder)
-from tasks.precompute import (LatentsError, LatentSpec, check_latents, load_clip_window, load_latents,
-                              load_product_photos)
-from tasks.run_config import RunConfig, StageConfig, flatten, prompt_of
+from tasks.training.distributed import (World, gather_model, is_sharded, is_sharded_checkpoint, joined_world,
+                                        load_sharded, prepare_model, save_sharded, shared_atomic_dir, stage_module)
+from tasks.training.model_store import (IncompatibleCheckpointError, load_model_folder, read_model_card,
+                                        resolve_model_config, save_model_folder)
+from tasks.training.precompute import (LatentsError, LatentSpec, check_latents, load_clip_window, load_latents,
+                                       load_product_photos)
+from tasks.training.run_config import RunConfig, StageConfig, flatten, prompt_of
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
@@ -261,7 +261,7 @@ def _write_meta(folder: Path, meta: dict) -> None:
 def save_training_checkpoint(run_root: DatasetRoot, world: World, model: torch.nn.Module, trainable: set[str],
                              optimizer, scheduler, ema: EMAModel | None, meta: dict) -> Path:
     """A single process writes save_checkpoint's files; the ranks of a torchrun launch write one
-    DCP folder together (tasks/distributed.py), which loads on any number of ranks."""
+    DCP folder together (tasks/training/distributed.py), which loads on any number of ranks."""
     if not world.launched:
         return save_checkpoint(run_root, model, trainable, optimizer, scheduler, ema, meta)
     rel = f"{CHECKPOINTS}/{checkpoint_name(meta['global_step'])}"
@@ -440,9 +440,9 @@ def run_training(cfg: RunConfig, resume: bool = True, init_from: str | None = No
     or URI (runs:/, models:/) whose generator is the starting point (fine-tuning, e.g. retrain).
     Returns {run_id, model_uri, run_dir, model_dir, global_step, final_loss, resumed_from_step}.
 
-    Started by torchrun (tasks/torchrun.py), every rank runs this same function: it joins the
+    Started by torchrun (tasks/training/torchrun.py), every rank runs this same function: it joins the
     process group, trains its share of each batch, and only rank 0 talks to MLflow and writes the
-    run record and the model folder (tasks/distributed.py).
+    run record and the model folder (tasks/training/distributed.py).
     """
     with joined_world(cfg.train) as world:
         if cfg.train.distributed.uses_torchrun and not world.launched:
