@@ -1,5 +1,5 @@
 """Gate 1 of issue 14, on the CPU before any GPU time: what the mask region's PSNR can be, on the
-test clips, in the window and crop the model sees (tasks.precompute.load_clip_window).
+test clips, in the window and crop the model sees (tasks.training.precompute.load_clip_window).
 
 - vae: the VAE's round trip (encode mode -> decode; Wan's normalisation cancels): the ceiling;
 - photo_mean: the mask filled with this product's photo-mean colour (mean RGB over the photo

@@ -8,11 +8,11 @@ masks, the masked video of the masking stage, and 4 RGBA photo cut-outs of 128 x
 studio's true alpha. The files and manifests are those build-dataset writes (storage/layout.py,
 storage/schemas.py), so precompute, train and evaluate read them through the flows unchanged.
 
-What the model reads as text is the dataset's `caption` column (tasks/precompute.py encodes it):
+What the model reads as text is the dataset's `caption` column (tasks/training/precompute.py encodes it):
 here it holds the product's prompt, the category word alone, so no colour comes from the text.
 The describing captions, colours and shape of every product are in `studio.json`.
 
-Splits: by product (tasks.assemble, 80/10/10, seeded, stratified by category), so a test product
+Splits: by product (tasks.dataset.assemble, 80/10/10, seeded, stratified by category), so a test product
 (shape + colourway) is never seen in training, while its shape usually is, in other colours:
 that is what makes colours unmemorisable. The segmenter is not under test here: masks are true.
 """
