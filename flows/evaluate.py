@@ -34,6 +34,7 @@ from prefect.artifacts import create_table_artifact
 from models import metrics as m
 from models.device import resolve_device
 from storage import tracking
+from storage.config_files import ConfigError
 from storage.hashing import sha256_json
 from storage.results import add_result_argument, emit_result
 from tasks.evaluate import EvaluationError, evaluate_split_task, split_rows, training_data_hashes
@@ -246,6 +247,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         parser.error("--set overrides a setting of --config: pass --config too")
+    try:  # checked before the flow starts: a bad key is one line, exit 2
+        if args.config:
+            resolve_run_config(args.config, args.overrides)
+    except (FileNotFoundError, ConfigError) as error:
+        parser.exit(2, f"error: {error}\n")
     try:
         summary = evaluate(model=args.model, config=args.config, dataset=args.dataset, split=args.split,
                            register=args.register, train_clips=args.train_clips, device=args.device,

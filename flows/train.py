@@ -19,6 +19,7 @@ import argparse
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from storage.config_files import ConfigError
 from storage.results import add_result_argument, emit_result
 from tasks.precompute import precompute_latents
 from tasks.run_config import RunConfig, load_run_config, resolve_run_config
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--init-from", default=None, help="model folder or runs:/ / models:/ URI to fine-tune")
     add_result_argument(parser)
     args = parser.parse_args(argv)
+    try:  # checked before the flow starts: a bad key is one line, exit 2
+        load_run_config(args.config, args.overrides)
+    except (FileNotFoundError, ConfigError) as error:
+        parser.exit(2, f"error: {error}\n")
     result = train(config=args.config, overrides=args.overrides, resume=args.resume, init_from=args.init_from)
     return emit_result(result, args.result)
 
