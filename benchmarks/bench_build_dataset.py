@@ -36,6 +36,8 @@ from storage.layout import DatasetRoot
 from storage.video import EncodeSettings, VideoWriter, fit_crop, iter_frames, read_video, resample_cfr
 from tasks.dataset.scenes import SceneConfig, find_shots
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dataset" / "demo.yaml"  # weights-free backends
+
 
 def cut_f1(source: Path, truth: dict, cfg: SceneConfig) -> tuple[float, int, int, int]:
     tp = fp = fn = 0
@@ -144,7 +146,7 @@ def main() -> None:
     cuts = json.loads((truth / "cuts.json").read_text())
     scenes = SceneConfig()
 
-    params = dict(source=str(source), output=str(out), segmenter="classic", background_removal="classic")
+    params = dict(source=str(source), output=str(out), config=str(DEMO_CONFIG))
     t0 = time.perf_counter()
     state = build_dataset(**params, return_state=True)
     t_first = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from tasks.training.evaluate import load_clip, split_rows
 from tasks.training.run_config import RunConfig, load_run_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+DATASET_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dataset" / "demo.yaml"  # weights-free backends
 
 
 def write_generate_inputs(cfg: RunConfig, folder: Path) -> dict:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (source / "products.csv").exists():
         print(f"writing {args.products} synthetic products to {source} (ground truth in {truth})")
         generate_studio(source, truth, StudioConfig(num_products=args.products))
-    summary = build_dataset(source=str(source), output=str(dataset), segmenter="classic", background_removal="classic")
+    summary = build_dataset(source=str(source), output=str(dataset), config=str(DATASET_CONFIG))
 
     # One resolved config for the whole demo, so train and evaluate read the same dataset.
     cfg = load_run_config(CONFIG, [f"data.root={dataset}"])
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     registry = evaluation["registry"]
     print(
         f"\nDataset: {dataset}\n"
-        f"  dataset.json, manifests/*.parquet (rejects: manifests/rejects.parquet)\n"
+        f"  dataset.json, manifests/*.parquet (rejects: manifests/rejects.parquet), build.yaml (its config)\n"
         f"  clips per split: {summary['clips_per_split']}\n"
         f"Training run {trained['run_id']}: {trained['global_step']} steps, model {trained['model_uri']}\n"
         f"  checkpoints: {trained['run_dir']}\n"

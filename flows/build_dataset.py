@@ -5,6 +5,13 @@ source tree ─ ingest ─┬─ scenes (per video) ─ segment (per clip) ─ m
                       └─ product images (per product) ─────────────────────────────────┴─ assemble
 ```
 
+    python -m flows.build_dataset --source data/demo/source --output data/demo/dataset \
+        --config configs/dataset/demo.yaml --set scenes.max_clip_s=8
+
+Its options are one YAML (configs/dataset/*.yaml, tasks/build_config.py) with dotted `--set`
+overrides, as train's; the resolved config is recorded in the dataset root as build.yaml and is
+the config of the root's next build unless another is given.
+
 Every per-item step is a cached, retryable Prefect task (tasks/dataset/stage.py): re-running with nothing
 changed does no work, a new product is processed alone, a changed option re-runs that stage and
 what follows. Bad items become rows of `manifests/rejects.parquet`; only systemic errors fail the run.
@@ -18,7 +25,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -30,16 +36,21 @@ from prefect.artifacts import (
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from storage.config_files import ConfigError
 from storage.errors import SystemicError
 from storage.layout import DatasetRoot
 from storage.rejects import reject_row
-from tasks.dataset.assemble import SPLITS, SplitConfig, assemble
+from tasks.build_config import BuildConfig, rebuild_plan, recorded_build_config, resolve_build_config
+from tasks.dataset.assemble import SPLITS, assemble
 from tasks.dataset.ingest import ingest_task
-from tasks.dataset.masking import MaskConfig, masking_task
-from tasks.dataset.product_images import ImageConfig, product_images_task
-from tasks.dataset.scenes import SceneConfig, scenes_task
-from tasks.dataset.segment import SegmentConfig, segment_task
+from tasks.dataset.masking import masking_task
+from tasks.dataset.product_images import product_images_task
+from tasks.dataset.scenes import scenes_task
+from tasks.dataset.segment import segment_task
 from tasks.dataset.stage import StageResult, cache_storage
+
+# The config of a root that records none and is given none (the code's defaults, spelled out).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dataset" / "default.yaml"
 
 # Fields of each stage's rows that name files under the root: a cached result whose files are
 # gone (someone deleted them) is recomputed instead of trusted.
@@ -72,15 +83,14 @@ class Runner:
     """Submits stage tasks and turns their outcomes into StageResults, never into flow failures,
     except for SystemicError."""
 
-    def __init__(self, root: DatasetRoot, progress: Progress):
+    def __init__(self, root: DatasetRoot, progress: Progress, rerun: set[str] = frozenset()):
+        """rerun: stages that run every item again instead of trusting the cache (a config change)."""
         self.root, self.progress = root, progress
         storage = cache_storage(root)
-        self.tasks = {
-            "scenes": scenes_task.with_options(result_storage=storage),
-            "segment": segment_task.with_options(result_storage=storage),
-            "masking": masking_task.with_options(result_storage=storage),
-            "product_images": product_images_task.with_options(result_storage=storage),
-        }
+        tasks = {"scenes": scenes_task, "segment": segment_task, "masking": masking_task,
+                 "product_images": product_images_task}
+        self.tasks = {stage: task.with_options(result_storage=storage, refresh_cache=stage in rerun or None)
+                      for stage, task in tasks.items()}
         self.items: dict[PrefectFuture, tuple[str, dict, dict]] = {}
         self.work: dict[str, collections.Counter] = {stage: collections.Counter() for stage in self.tasks}
 
@@ -117,22 +127,21 @@ def _merge(results: dict[str, list[dict]], stage: str, result: StageResult) -> l
 
 
 @flow(name="build-dataset", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count()), log_prints=True)
-def build_dataset(
-    source: str,
-    output: str,
-    segmenter: Literal["grounded-sam2", "classic"] = "grounded-sam2",
-    background_removal: Literal["rembg", "classic"] = "rembg",
-    scenes: SceneConfig = SceneConfig(),
-    segmentation: SegmentConfig = SegmentConfig(),
-    masking: MaskConfig = MaskConfig(),
-    images: ImageConfig = ImageConfig(),
-    splits: SplitConfig = SplitConfig(),
-) -> dict:
-    """Build (or update) the dataset at `output` from the product pages under `source`."""
+def build_dataset(source: str, output: str, config: str | BuildConfig | None = None, overrides: list[str] = []) -> dict:
+    """Build (or update) the dataset at `output` from the product pages under `source`.
+
+    config: a build YAML (configs/dataset/*.yaml) or a validated BuildConfig; None = the one
+    `output` records (build.yaml), else configs/dataset/default.yaml. overrides: dotted
+    key=value settings applied on top, e.g. segmentation.backend=classic."""
     logger = get_run_logger()
     root = DatasetRoot.create(output)
-    segmentation = segmentation.model_copy(update={"backend": segmenter})
-    images = images.model_copy(update={"backend": background_removal})
+    cfg = resolve_build_config(root, config, overrides, default=DEFAULT_CONFIG)
+    plan = rebuild_plan(recorded_build_config(root), cfg, root.has_manifest("dataset"))
+    if plan["changes"]:
+        logger.warning("the config differs from the one %s was built with (%s); stages %s run every item "
+                       "again", root.root, "; ".join(plan["changes"]), sorted(plan["rerun"]))
+    root.write_build_config(cfg.model_dump(mode="json"))
+    scenes, segmentation, masking, images, splits = cfg.scenes, cfg.segmentation, cfg.masking, cfg.images, cfg.splits
 
     ingested = ingest_task(source, images.min_images)
     products = {p["product_id"]: p for p in ingested["products"]}
@@ -145,7 +154,7 @@ def build_dataset(
 
     results: dict[str, list[dict]] = collections.defaultdict(list)
     results["rejects"] += ingested["rejects"]
-    run = Runner(root, Progress())
+    run = Runner(root, Progress(), plan["rerun"])
 
     image_futures = [
         run.submit("product_images", {"item": pid, "product_id": pid}, product_id=pid, images=photos[pid], cfg=images)
@@ -193,7 +202,7 @@ def build_dataset(
         root.write_manifest(name, manifest_rows)
     root.write_json("dataset.json", dataset_json)
 
-    summary = _summary(manifests, rows, run.work)
+    summary = _summary(manifests, rows, run.work) | {"config": cfg.name, "config_changes": plan["changes"]}
     _publish_summary(summary, root)
     return summary
 
@@ -219,7 +228,11 @@ def _publish_summary(summary: dict, root: DatasetRoot) -> None:
     create_table_artifact(table, key="build-dataset-summary", description=f"Dataset at `{root.root}`: items per stage, rejects by reason, clips per split")
     lines = [f"# Dataset built at `{root.root}`", "", "| split | clips | products |", "|---|---|---|"]
     lines += [f"| {s} | {summary['clips_per_split'][s]} | {summary['products_per_split'][s]} |" for s in SPLITS]
-    lines += ["", "Manifests: `manifests/*.parquet`; what was set aside and why: `manifests/rejects.parquet`."]
+    lines += ["", "Manifests: `manifests/*.parquet`; what was set aside and why: `manifests/rejects.parquet`.",
+              f"Config `{summary['config']}`, recorded in `build.yaml`."]
+    if summary["config_changes"]:
+        lines += ["", "Changed since the previous build of this root (those stages ran every item again):", ""]
+        lines += [f"- `{change}`" for change in summary["config_changes"]]
     create_markdown_artifact("\n".join(lines), key="build-dataset-report")
 
 
@@ -236,13 +249,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Build a training dataset from crawled product pages.")
     parser.add_argument("--source", required=True, help="source tree: local path or fsspec URL")
     parser.add_argument("--output", required=True, help="dataset root to create or update")
-    parser.add_argument("--segmenter", choices=["grounded-sam2", "classic"], default="grounded-sam2")
-    parser.add_argument("--background-removal", choices=["rembg", "classic"], default="rembg")
+    parser.add_argument("--config", default=None,
+                        help="build config YAML (configs/dataset/*.yaml); default: the one the output records "
+                             "(OUT/build.yaml), else configs/dataset/default.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override of the config, e.g. segmentation.backend=classic (repeatable)")
     parser.add_argument("--dask-workers", type=int, default=0, help="run per-item tasks on a local Dask cluster")
+    # The two options the command line once had: gone, so that they never silently overwrite the config.
+    parser.add_argument("--segmenter", help=argparse.SUPPRESS)
+    parser.add_argument("--background-removal", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for flag, key in (("segmenter", "segmentation.backend"), ("background_removal", "images.backend")):
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag.replace('_', '-')} is gone: use --set {key}={getattr(args, flag)} "
+                         "(or --config configs/dataset/demo.yaml for both weights-free backends)")
+    # The config is read and checked before the flow starts: a bad key is one line, exit 2.
+    root = DatasetRoot(Path(args.output).expanduser().resolve())
+    try:
+        cfg = resolve_build_config(root, args.config, args.overrides, default=DEFAULT_CONFIG)
+        rebuild_plan(recorded_build_config(root), cfg, root.has_manifest("dataset"))
+    except (FileNotFoundError, ConfigError) as error:
+        parser.exit(2, f"error: {error}\n")
     runner = run_with_dask(args.dask_workers) if args.dask_workers else build_dataset
-    summary = runner(source=args.source, output=str(Path(args.output)), segmenter=args.segmenter, background_removal=args.background_removal)
-    print(f"dataset: {Path(args.output).resolve()}  clips per split: {summary['clips_per_split']}")
+    summary = runner(source=args.source, output=str(root.root), config=cfg)
+    print(f"dataset: {root.root}  config: {cfg.name} (recorded in build.yaml)  clips per split: {summary['clips_per_split']}")
     return summary
 
 

@@ -35,6 +35,7 @@ from prefect.artifacts import create_table_artifact
 from models import metrics as m
 from models.device import resolve_device
 from storage import tracking
+from storage.config_files import ConfigError
 from storage.results import add_result_argument, emit_result
 from tasks.training.evaluate import EvaluationError, evaluate_split_task, split_rows
 from tasks.training.model_store import (IncompatibleCheckpointError, is_base_model, load_pipeline, read_model_card,
@@ -42,19 +43,17 @@ from tasks.training.model_store import (IncompatibleCheckpointError, is_base_mod
 from tasks.training.registry import (TRAINING_DATA_RUN_TAG, TRAINING_DATA_TAG, promote_if_better,
                                      record_training_data)
 from tasks.training.report import publish_poc_report
-from tasks.training.run_config import MlflowConfig, RunConfig, load_run_config
+from tasks.training.run_config import MlflowConfig, RunConfig, resolve_run_config
 
 LOSS_METRIC = "loss"  # what the train flow (tasks/training/train.py) logs per optimizer step
 
 
-def effective_config(model_config: RunConfig, config: str | None, dataset: str | None,
-                     overrides: list[str] = ()) -> RunConfig:
-    """The model's run config with data/evaluate/registry/mlflow from `config` (with its dotted
-    `overrides`, e.g. evaluate.product_guidance_scale=0) and the dataset root."""
+def effective_config(model_config: RunConfig, config: RunConfig | None, dataset: str | None) -> RunConfig:
+    """The model's run config with data/evaluate/registry/mlflow from `config` (the evaluate
+    flow's config, overrides applied) and the dataset root."""
     merged = model_config
-    if config:
-        override = load_run_config(config, list(overrides))
-        merged = merged.model_copy(update={name: getattr(override, name)
+    if config is not None:
+        merged = merged.model_copy(update={name: getattr(config, name)
                                            for name in ("data", "evaluate", "registry", "mlflow")})
     if dataset:
         merged = merged.model_copy(update={"data": merged.data.model_copy(update={"root": dataset})})
@@ -128,37 +127,39 @@ def register_evaluated(source: tracking.ModelSource, model_dir: Path, eval_run_i
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(model: str = tracking.DEFAULT_MODEL_URI, config: str | None = None, dataset: str | None = None,
-             split: str = "test", register: bool = True, train_clips: int = 4, device: str = "auto",
-             overrides: list[str] = [], baseline: str | None = None) -> dict:
+def evaluate(model: str = tracking.DEFAULT_MODEL_URI, config: str | RunConfig | None = None,
+             dataset: str | None = None, split: str = "test", register: bool = True, train_clips: int = 4,
+             device: str = "auto", overrides: list[str] = [], baseline: str | None = None) -> dict:
     """Evaluate `model` on `split` (+ a few train clips), report, register, promote if better.
 
     model: a models:/ or runs:/ URI, a model folder, or `base:<run config>` (the untrained model
-    of a config, e.g. zero-shot VACE: never registered). overrides: dotted key=value settings of
-    `config` (its data/evaluate/registry/mlflow sections). baseline: another model evaluated on
-    the same split with the same settings (not registered), reported side by side."""
-    bootstrap = load_run_config(config).mlflow if config else MlflowConfig()
+    of a config, e.g. zero-shot VACE: never registered). config: a run config YAML, or a RunConfig
+    a caller has read (retrain). overrides: dotted key=value settings of `config` (its
+    data/evaluate/registry/mlflow sections). baseline: another model evaluated on the same split
+    with the same settings (not registered), reported side by side."""
+    config = resolve_run_config(config, overrides) if config is not None else None  # read once
+    bootstrap = config.mlflow if config is not None else MlflowConfig()
     experiment_id = tracking.setup_mlflow(bootstrap.experiment, bootstrap.data_dir)
     logger = get_run_logger()
     if register and is_base_model(model):
         logger.info("%s is an untrained base model: evaluated, not registered", model)
         register = False
-    summary = _evaluate_uri(model, experiment_id, config, dataset, split, register, train_clips, device, overrides)
+    summary = _evaluate_uri(model, experiment_id, config, dataset, split, register, train_clips, device)
     if baseline is not None:
-        other = _evaluate_uri(baseline, experiment_id, config, dataset, split, False, 0, device, overrides)
+        other = _evaluate_uri(baseline, experiment_id, config, dataset, split, False, 0, device)
         create_table_artifact(comparison_table(summary, other, split), key="evaluation-comparison",
                               description=f"{model} and the baseline {baseline} on the {split} split")
         summary["baseline"] = other
     return summary
 
 
-def _evaluate_uri(model: str, experiment_id: str, config: str | None, dataset: str | None, split: str,
-                  register: bool, train_clips: int, device: str, overrides: list[str]) -> dict:
+def _evaluate_uri(model: str, experiment_id: str, config: RunConfig | None, dataset: str | None, split: str,
+                  register: bool, train_clips: int, device: str) -> dict:
     source = tracking.model_source(model)  # a missing alias fails here with what to do
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:  # a downloaded model is dropped after
         model_dir = resolve_model(model, scratch)
         return _evaluate_model(source, model_dir, experiment_id, config, dataset, split, register, train_clips,
-                               device, overrides)
+                               device)
 
 
 def comparison_table(summary: dict, baseline: dict, split: str) -> list[dict]:
@@ -173,13 +174,12 @@ def comparison_table(summary: dict, baseline: dict, split: str) -> list[dict]:
     return rows
 
 
-def _evaluate_model(source: tracking.ModelSource, model_dir: Path, experiment_id: str, config: str | None,
-                    dataset: str | None, split: str, register: bool, train_clips: int, device: str,
-                    overrides: list[str]) -> dict:
+def _evaluate_model(source: tracking.ModelSource, model_dir: Path, experiment_id: str, config: RunConfig | None,
+                    dataset: str | None, split: str, register: bool, train_clips: int, device: str) -> dict:
     """The evaluate flow's body, on a local model folder."""
     logger, model = get_run_logger(), source.uri
     model_config = read_run_config(model_dir)
-    run_config = effective_config(model_config, config, dataset, overrides)
+    run_config = effective_config(model_config, config, dataset)
     root = str(Path(run_config.data.root).expanduser().resolve())
     split_rows(root, split)  # an empty split fails here, before a model is loaded or a run logged
     pipe, _ = load_pipeline(model_dir, device=resolve_device(device))
@@ -243,6 +243,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         parser.error("--set overrides a setting of --config: pass --config too")
+    try:  # checked before the flow starts: a bad key is one line, exit 2
+        if args.config:
+            resolve_run_config(args.config, args.overrides)
+    except (FileNotFoundError, ConfigError) as error:
+        parser.exit(2, f"error: {error}\n")
     try:
         summary = evaluate(model=args.model, config=args.config, dataset=args.dataset, split=args.split,
                            register=args.register, train_clips=args.train_clips, device=args.device,

@@ -17,6 +17,11 @@ tasks.training.registry writes and reads that record). A clip added or re-built 
 is new data; clips that only disappeared are not a reason to retrain. A champion without that
 record (registered by hand) is retrained, since nothing proves its data is current.
 
+The refresh builds the dataset the way it was built: with the build config the dataset root
+records (its build.yaml, written by build-dataset; tasks/build_config.py), so nothing but new
+source data changes it. The run config is read once; the dataset root, resolved once, reaches
+build-dataset, train and evaluate as that config's `data.root`.
+
 build-dataset, train and evaluate run as subflows of retrain (child flow runs in the Prefect UI,
 in this process), but flows import no flows (tests/test_layers.py): retrain loads each one by its
 entrypoint (`SUBFLOWS`, the same flows prefect.yaml deploys) when it runs, so their parameters are
@@ -25,6 +30,8 @@ alternative, `run_deployment`, would need the deployments and a worker for every
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import Flow, flow, get_run_logger
@@ -32,6 +39,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.flows import load_flow_from_entrypoint
 
 from storage import tracking
+from storage.config_files import ConfigError
+from storage.layout import DatasetRoot
+from tasks.build_config import BuildConfig, recorded_build_config
 from tasks.training.registry import data_changes
 from tasks.training.run_config import load_run_config
 
@@ -55,6 +65,18 @@ def champion_version(name: str):
             "evaluate, or `python -m demo`), then retrain") from error
 
 
+def recorded_build(root: str) -> BuildConfig:
+    """How the dataset at `root` was built (its build.yaml); a clear error when it does not say."""
+    recorded = recorded_build_config(DatasetRoot(Path(root)))
+    if recorded is None:
+        raise ConfigError(
+            f"dataset {root} records no build config (build.yaml), so retrain cannot refresh it the way it "
+            "was built: build it once with build-dataset and the config it was built with "
+            f"(python -m flows.build_dataset --source SOURCE --output {root} --config configs/dataset/<name>.yaml), "
+            "which records it, or retrain with refresh_dataset=False")
+    return recorded
+
+
 def _describe(changes: dict, version: str) -> str:
     if not changes["known"]:
         return f"champion version {version} has no record of its training data"
@@ -64,36 +86,31 @@ def _describe(changes: dict, version: str) -> str:
 
 @flow(name="retrain", log_prints=True)
 def retrain(source: str = "data/demo/source", dataset: str | None = None, config: str = "configs/tiny.yaml",
-            build_options: dict | None = None, refresh_dataset: bool = True) -> dict:
-    """Refresh `dataset` (default: the config's data.root) from `source`; retrain if it has new data.
-
-    build_options: build-dataset's parameters besides source and output (segmenter,
-    background_removal, scenes, ...); None = the demo's weights-free backends. They must be the
-    ones the dataset was built with: build-dataset rewrites the manifests from what its options
-    accept (a stricter `scenes` would drop clips, which are then reported as removed).
-    """
+            refresh_dataset: bool = True) -> dict:
+    """Refresh `dataset` (default: the config's data.root) from `source` with the build config it
+    records (build.yaml); retrain if it has new data."""
     logger = get_run_logger()
     build_dataset, train, evaluate = (subflow(step) for step in ("build_dataset", "train", "evaluate"))
-    cfg = load_run_config(config, [f"data.root={dataset}"] if dataset else [])
-    dataset = cfg.data.root
+    cfg = load_run_config(config)  # the one read of the run config; train and evaluate get this object
+    root = str(Path(dataset or cfg.data.root).expanduser().resolve())
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": root})})
+    build = recorded_build(root) if refresh_dataset else None  # before any work, as the champion
     tracking.setup_mlflow(cfg.mlflow.experiment, cfg.mlflow.data_dir)
     champion = champion_version(cfg.registry.model_name)  # before any work: no champion, no retrain
-    if refresh_dataset:
-        build_dataset(source=source, output=dataset,
-                      **(build_options or {"segmenter": "classic", "background_removal": "classic"}))
+    built = build_dataset(source=source, output=root, config=build) if refresh_dataset else None
 
-    changes = data_changes(champion, dataset)
+    changes = data_changes(champion, root)
     described = _describe(changes, champion.version)
     if changes["known"] and not changes["new"] and not changes["changed"]:
         message = f"No new data: {described}. Nothing to do; the champion stays version {champion.version}."
         logger.info(message)
         create_markdown_artifact(f"# Retrain: nothing to do\n\n{message}\n", key="retrain-decision")
-        return {"retrained": False, "reason": message, "champion": str(champion.version)}
+        return {"retrained": False, "reason": message, "champion": str(champion.version), "dataset": built}
 
     logger.info("retraining: %s", described)
     champion_uri = f"models:/{cfg.registry.model_name}/{champion.version}"  # pinned: the alias may move
-    trained = train(config=config, overrides=[f"data.root={dataset}"], init_from=champion_uri)
-    evaluation = evaluate(model=trained["model_uri"], config=config, dataset=dataset, register=True)
+    trained = train(config=cfg, init_from=champion_uri)
+    evaluation = evaluate(model=trained["model_uri"], config=cfg, register=True)
     registry = evaluation["registry"]
     outcome = (f"version {registry['version']} is the new champion" if registry.get("promoted")
                else f"champion stays version {champion.version}: {registry.get('reason')}")
@@ -101,5 +118,5 @@ def retrain(source: str = "data/demo/source", dataset: str | None = None, config
         f"# Retrain: {outcome}\n\n- data: {described}\n- fine-tuned from `{champion_uri}`: training run "
         f"`{trained['run_id']}`, {trained['global_step']} steps\n- evaluation run "
         f"`{evaluation['evaluation_run_id']}`, verdict {evaluation['verdict']}\n", key="retrain-decision")
-    return {"retrained": True, "reason": described, "champion": str(champion.version), "train": trained,
-            "evaluation": evaluation}
+    return {"retrained": True, "reason": described, "champion": str(champion.version), "dataset": built,
+            "train": trained, "evaluation": evaluation}

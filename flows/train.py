@@ -19,9 +19,10 @@ import argparse
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from storage.config_files import ConfigError
 from storage.results import add_result_argument, emit_result
 from tasks.training.precompute import precompute_latents
-from tasks.training.run_config import load_run_config
+from tasks.training.run_config import RunConfig, load_run_config, resolve_run_config
 from tasks.training.torchrun import train_with_torchrun
 from tasks.training.train import run_training
 
@@ -33,12 +34,13 @@ def precompute(config: str = "configs/tiny.yaml", overrides: list[str] = []) -> 
 
 
 @flow(name="train", log_prints=True)
-def train(config: str = "configs/tiny.yaml", overrides: list[str] = [], resume: bool = True,
+def train(config: str | RunConfig = "configs/tiny.yaml", overrides: list[str] = [], resume: bool = True,
           init_from: str | None = None) -> dict:
-    """Train the run config's model; returns {run_id, model_uri (runs:/<id>/model), run_dir,
-    model_dir, stage, global_step, final_loss, resumed_from_step, precompute: {...}}."""
+    """Train the run config's model (a YAML path, or a RunConfig a caller has read: retrain);
+    returns {run_id, model_uri (runs:/<id>/model), run_dir, model_dir, stage, global_step,
+    final_loss, resumed_from_step, precompute: {...}}."""
     logger = get_run_logger()
-    cfg = load_run_config(config, overrides)
+    cfg = resolve_run_config(config, overrides)
     latents = precompute_latents(cfg)
     launch = train_with_torchrun if cfg.train.distributed.uses_torchrun else run_training
     result = launch(cfg, resume=resume, init_from=init_from)
@@ -48,7 +50,8 @@ def train(config: str = "configs/tiny.yaml", overrides: list[str] = [], resume: 
                else "from the start")
     logger.info("trained %s (%s) to step %d: %s", cfg.name, resumed, result["global_step"], result["model_uri"])
     create_markdown_artifact(
-        f"# Training run `{result['run_id']}`\n\nConfig `{config}` {overrides or ''}, {resumed}, "
+        f"# Training run `{result['run_id']}`\n\nConfig `{config if isinstance(config, str) else cfg.name}` "
+        f"{overrides or ''}, {resumed}, "
         f"{result['global_step']} steps, final loss {result['final_loss']:.4g}.\n\n"
         f"- model: `{result['model_uri']}` (local copy `{result['model_dir']}`)\n"
         f"- precompute: {result['precompute']['ran']} clips encoded, {result['precompute']['cached']} from cache, "
@@ -65,6 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--init-from", default=None, help="model folder or runs:/ / models:/ URI to fine-tune")
     add_result_argument(parser)
     args = parser.parse_args(argv)
+    try:  # checked before the flow starts: a bad key is one line, exit 2
+        load_run_config(args.config, args.overrides)
+    except (FileNotFoundError, ConfigError) as error:
+        parser.exit(2, f"error: {error}\n")
     result = train(config=args.config, overrides=args.overrides, resume=args.resume, init_from=args.init_from)
     return emit_result(result, args.result)
 

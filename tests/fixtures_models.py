@@ -17,17 +17,10 @@ from models.transformer import ProductVideoGenerator
 from flows.evaluate import LOSS_METRIC
 from storage import tracking
 from tasks.training.model_store import resolve_model_config, save_model_folder
+from tests.fixtures_dataset import TINY_BUILD_CONFIG
 from tests.fixtures_dataset import tiny_data_dir, tiny_run_config  # noqa: F401 (fixtures)
 
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-# With the default 8:1:1 rule 4 products all land in train; these shares give every split one.
-SPLIT_SHARES = (0.5, 0.25, 0.25)
-
-
-# build-dataset's options for the tiny sources (weights-free backends, 96x144 clips of 1-3 s).
-BUILD_OPTIONS = {"segmenter": "classic", "background_removal": "classic",
-                 "scenes": {"min_short_side": None, "height": 96, "width": 144, "min_clip_s": 1.0, "max_clip_s": 3.0},
-                 "splits": {"ratios": SPLIT_SHARES}}
 
 
 def build_split_dataset(folder: Path, num_products: int = 4, seed: int = 3) -> Path:
@@ -38,7 +31,7 @@ def build_split_dataset(folder: Path, num_products: int = 4, seed: int = 3) -> P
     output = folder / "dataset"
     if not (output / "manifests" / "dataset.parquet").is_file():
         generate_studio(folder / "source", folder / "truth", StudioConfig.tiny(num_products=num_products, seed=seed))
-        build_dataset(source=str(folder / "source"), output=str(output), **BUILD_OPTIONS)
+        build_dataset(source=str(folder / "source"), output=str(output), config=str(TINY_BUILD_CONFIG))
     return output
 
 

@@ -109,7 +109,7 @@ def test_stage_sets_aside_what_the_segmenter_finds_on_noise(weights, tmp_path):
     assert result["rejects"][0]["product_id"] == "P001" and not ds.path(ds.mask_dir_rel("P001_c000")).exists()
 
 
-CLASSIC_HINT = "use segmenter='classic'"
+CLASSIC_HINT = "use the classic segmenter (build config: segmentation.backend=classic"
 
 
 @pytest.mark.parametrize(

@@ -239,6 +239,6 @@ def test_a_model_that_cannot_load_is_systemic(tmp_path, monkeypatch):
     monkeypatch.setenv("U2NET_HOME", str(tmp_path / "rembg_home"))
     monkeypatch.setattr(pooch, "retrieve", offline)
     rembg_session.cache_clear()
-    with pytest.raises(SystemicError, match="'u2net' could not be loaded.*background_removal='classic'"):
+    with pytest.raises(SystemicError, match="'u2net' could not be loaded.*images.backend=classic"):
         process_product_images("P1", images, str(tmp_path / "out"), ImageConfig(rembg_model="u2net"))
     assert not (tmp_path / "out/product_images/P1").exists()

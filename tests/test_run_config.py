@@ -102,3 +102,18 @@ def test_a_model_folder_of_another_config_is_refused(tiny_run, tmp_path):
         load_model_folder(folder)
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         load_model_folder(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_the_command_lines_answer_a_bad_config_in_one_line(command, tmp_path, capsys):
+    from flows.evaluate import main as evaluate_cli
+    from flows.train import main as train_cli
+
+    cli = {"train": train_cli, "evaluate": evaluate_cli}[command]
+    for argv, says in ((["--config", str(CONFIGS / "tiny.yaml"), "--set", "train.stage1.learning_rat=1"],
+                        "train.stage1.learning_rat: unknown key (train.stage1 takes: trains, epochs"),
+                       (["--config", str(tmp_path / "missing.yaml")], "missing.yaml not found (see configs/*.yaml)")):
+        with pytest.raises(SystemExit) as stopped:
+            cli(argv)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and says in err and err.count("\n") == 1, err

@@ -33,7 +33,8 @@ from models.segmenters.base import SegmentationOutput
 from storage.errors import SystemicError
 
 _SAM2_RELEASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_large.pt"
-_CLASSIC_HINT = "or, for footage on a clean studio backdrop, use segmenter='classic' (SegmentConfig backend='classic')"
+_CLASSIC_HINT = ("or, for footage on a clean studio backdrop, use the classic segmenter "
+                 "(build config: segmentation.backend=classic, as configs/dataset/demo.yaml)")
 # Images per network call in `segment_many`: enough to fill a GPU; the activations of a batch of
 # SAM2 hiera-L at 1024 px are a few GB in bf16.
 DETECTOR_BATCH = 8

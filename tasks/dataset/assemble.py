@@ -21,6 +21,7 @@ STAGE = "assemble"
 
 
 class SplitConfig(BaseModel):
+    model_config = {"extra": "forbid"}  # a misspelt key in a build config is an error, not ignored
     seed: int = 20260123
     ratios: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, val, test shares")
 

@@ -34,6 +34,7 @@ PREFERRED_VIEWS = ("front", "side", "back", "detail", "top", "scene")
 
 
 class ImageConfig(BaseModel):
+    model_config = {"extra": "forbid"}  # a misspelt key in a build config is an error, not ignored
     backend: Literal["rembg", "classic"] = "rembg"
     # A rembg model name, or the path of a local .onnx file (loaded as rembg's u2net_custom).
     rembg_model: str = "u2net"

@@ -47,6 +47,7 @@ STAGE = "scenes"
 
 
 class SceneConfig(BaseModel):
+    model_config = {"extra": "forbid"}  # a misspelt key in a build config is an error, not ignored
     # Shot detection (PySceneDetect 0.7), on frames downscaled to detect_width.
     detector: Literal["adaptive", "content"] = "adaptive"
     adaptive_threshold: float = 3.0  # AdaptiveDetector: score / rolling mean of neighbours

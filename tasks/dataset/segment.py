@@ -43,6 +43,7 @@ STAGE = "segment"
 class SegmentConfig(GroundedSam2Settings, ClassicSettings):
     """Backend choice and its settings (inherited), post-processing, and quality thresholds."""
 
+    model_config = {"extra": "forbid"}  # a misspelt key in a build config is an error, not ignored
     backend: Literal["grounded-sam2", "classic"] = "grounded-sam2"
     work_height: int | None = Field(
         240, ge=16, description="segment at this height (aspect kept, never upscaled); None: at the clip's size"
