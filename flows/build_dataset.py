@@ -8,9 +8,9 @@ source tree ─ ingest ─┬─ scenes (per video) ─ segment (per clip) ─ m
     python -m flows.build_dataset --source data/demo/source --output data/demo/dataset \
         --config configs/dataset/demo.yaml --set scenes.max_clip_s=8
 
-Its options are one YAML (configs/dataset/*.yaml, tasks/build_config.py) with dotted `--set`
-overrides, as train's; the resolved config is recorded in the dataset root as build.yaml and is
-the config of the root's next build unless another is given.
+Its options are one YAML (configs/dataset/*.yaml, tasks/dataset/build_config.py) with dotted
+`--set` overrides, as train's; the resolved config is recorded in the dataset root as build.yaml
+and is the config of the root's next build unless another is given.
 
 Every per-item step is a cached, retryable Prefect task (tasks/dataset/stage.py): re-running with nothing
 changed does no work, a new product is processed alone, a changed option re-runs that stage and
@@ -40,8 +40,8 @@ from storage.config_files import ConfigError
 from storage.errors import SystemicError
 from storage.layout import DatasetRoot
 from storage.rejects import reject_row
-from tasks.build_config import BuildConfig, rebuild_plan, recorded_build_config, resolve_build_config
 from tasks.dataset.assemble import SPLITS, assemble
+from tasks.dataset.build_config import BuildConfig, rebuild_plan, recorded_build_config, resolve_build_config
 from tasks.dataset.ingest import ingest_task
 from tasks.dataset.masking import masking_task
 from tasks.dataset.product_images import product_images_task

@@ -18,8 +18,8 @@ is new data; clips that only disappeared are not a reason to retrain. A champion
 record (registered by hand) is retrained, since nothing proves its data is current.
 
 The refresh builds the dataset the way it was built: with the build config the dataset root
-records (its build.yaml, written by build-dataset; tasks/build_config.py), so nothing but new
-source data changes it. The run config is read once; the dataset root, resolved once, reaches
+records (its build.yaml, written by build-dataset; tasks/dataset/build_config.py), so nothing but
+new source data changes it. The run config is read once; the dataset root, resolved once, reaches
 build-dataset, train and evaluate as that config's `data.root`.
 
 build-dataset, train and evaluate run as subflows of retrain (child flow runs in the Prefect UI,
@@ -41,7 +41,7 @@ from prefect.flows import load_flow_from_entrypoint
 from storage import tracking
 from storage.config_files import ConfigError
 from storage.layout import DatasetRoot
-from tasks.build_config import BuildConfig, recorded_build_config
+from tasks.dataset.build_config import BuildConfig, recorded_build_config
 from tasks.training.registry import data_changes
 from tasks.training.run_config import load_run_config
 

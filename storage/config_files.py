@@ -3,8 +3,8 @@ model, and say in one line what is wrong when it cannot be used.
 
 Both config families read their files here: the run config of train and evaluate
 (tasks/training/run_config.py, configs/*.yaml) and the build config of build-dataset
-(tasks/build_config.py, configs/dataset/*.yaml). An override's value is parsed as YAML, so `3` is
-an int, `null` is None and `[0.9,0.99]` a list; intermediate sections are created.
+(tasks/dataset/build_config.py, configs/dataset/*.yaml). An override's value is parsed as YAML,
+so `3` is an int, `null` is None and `[0.9,0.99]` a list; intermediate sections are created.
 """
 from __future__ import annotations
 

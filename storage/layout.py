@@ -14,7 +14,8 @@ OUT/
 
 build.yaml is written when a build starts, before any stage runs: the files under the root are
 that config's. `manifests/dataset.parquet`, written last, marks that a build finished. The next
-build of the root takes build.yaml as its config unless given another (tasks/build_config.py).
+build of the root takes build.yaml as its config unless given another
+(tasks/dataset/build_config.py).
 
 A file appears under its final name only once it is complete (write to a temporary sibling, then
 `os.replace`), so a killed run never leaves something a re-run would take for finished work.

@@ -9,8 +9,8 @@ import pytest
 from flows.build_dataset import DEFAULT_CONFIG, main
 from storage.config_files import ConfigError
 from storage.layout import DatasetRoot
-from tasks.build_config import (BuildConfig, differences, load_build_config, rebuild_plan, recorded_build_config,
-                                resolve_build_config)
+from tasks.dataset.build_config import (BuildConfig, differences, load_build_config, rebuild_plan,
+                                        recorded_build_config, resolve_build_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
 

@@ -18,7 +18,7 @@ from storage.config_files import ConfigError
 from storage.hashing import sha256_files
 from storage.images import load_mask_png
 from storage.layout import DatasetRoot
-from tasks.build_config import load_build_config, recorded_build_config
+from tasks.dataset.build_config import load_build_config, recorded_build_config
 from tests.fixtures_dataset import TINY_BUILD_CONFIG
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from demo.studio import StudioConfig, generate_studio
-from tasks.build_config import load_build_config
+from tasks.dataset.build_config import load_build_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
