@@ -67,7 +67,12 @@ def mask_iou(root: DatasetRoot, truth_dir: Path, cuts: dict, scenes: SceneConfig
         stem = Path(video_rel).stem
         for i in range(row["num_frames"]):
             src_index = first + int(round(i * src_fps / scenes.fps))
-            true = np.asarray(load_mask_png(truth_dir / "masks" / clip["product_id"] / stem / f"{src_index:05d}.png"), np.uint8) * 255
+            true = (
+                np.asarray(
+                    load_mask_png(truth_dir / "masks" / clip["product_id"] / stem / f"{src_index:05d}.png"), np.uint8
+                )
+                * 255
+            )
             true = fit_crop(np.repeat(true[..., None], 3, axis=2), scenes.height, scenes.width)[..., 0] > 127
             pred = load_mask_png(root.path(row["mask_dir"]) / f"{i:05d}.png")
             union = np.logical_or(true, pred).sum()
@@ -75,8 +80,9 @@ def mask_iou(root: DatasetRoot, truth_dir: Path, cuts: dict, scenes: SceneConfig
     return float(np.mean(ious)), len(ious)
 
 
-def ffmpeg_alone(sources: list[Path], videos: list[Path], mask_dirs: list[Path], settings: EncodeSettings,
-                 workers: int) -> tuple[float, float, float]:
+def ffmpeg_alone(
+    sources: list[Path], videos: list[Path], mask_dirs: list[Path], settings: EncodeSettings, workers: int
+) -> tuple[float, float, float]:
     """(decode s, video encode s, PNG encode s): decode every input; encode every output video and
     every mask PNG (FFmpeg's PNG encoder, at the pipeline's zlib level 1) from raw frames."""
 
@@ -161,8 +167,9 @@ def main() -> None:
     sources = [source / rel for rel in cuts]
     outputs = sorted((out / "video_clips").glob("*.mp4")) + sorted((out / "masked_videos").glob("*.mp4"))
     mask_dirs = sorted(p for p in (out / "masks").iterdir() if p.is_dir())
-    t_dec, t_enc, t_png = ffmpeg_alone(sources, outputs, mask_dirs, EncodeSettings(crf=scenes.crf, preset=scenes.preset),
-                                       os.cpu_count() or 1)
+    t_dec, t_enc, t_png = ffmpeg_alone(
+        sources, outputs, mask_dirs, EncodeSettings(crf=scenes.crf, preset=scenes.preset), os.cpu_count() or 1
+    )
     t_ffmpeg = t_dec + t_enc + t_png
     video_s = sum(c["num_frames"] / c["fps"] for c in cuts.values())
 
@@ -173,8 +180,10 @@ def main() -> None:
         ("classic segmentation mean IoU", f"{iou:.3f}"),
         ("first run wall s", f"{t_first:.1f}"),
         ("throughput, source video s per wall s", f"{video_s / t_first:.2f}"),
-        ("FFmpeg alone: decode inputs + encode videos + encode mask PNGs s",
-         f"{t_dec:.1f} + {t_enc:.1f} + {t_png:.1f} = {t_ffmpeg:.1f}"),
+        (
+            "FFmpeg alone: decode inputs + encode videos + encode mask PNGs s",
+            f"{t_dec:.1f} + {t_enc:.1f} + {t_png:.1f} = {t_ffmpeg:.1f}",
+        ),
         ("pipeline / FFmpeg alone", f"{t_first / t_ffmpeg:.2f}"),
         ("pipeline / FFmpeg alone without the PNGs", f"{t_first / (t_dec + t_enc):.2f}"),
         ("re-run with nothing changed s (share of first)", f"{t_rerun:.1f} ({100 * t_rerun / t_first:.1f}%)"),

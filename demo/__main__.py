@@ -40,8 +40,12 @@ def write_generate_inputs(cfg: RunConfig, folder: Path) -> dict:
     with out.atomic_dir("images") as tmp:
         for index, photo in enumerate(clip.photos):
             save_png(tmp / f"{index}.png", photo)
-    return {"masked_video": str(out.path("masked.mp4")), "masks": str(out.path("masks")),
-            "images": [str(p) for p in sorted(out.path("images").glob("*.png"))], "caption": row["caption"]}
+    return {
+        "masked_video": str(out.path("masked.mp4")),
+        "masks": str(out.path("masks")),
+        "images": [str(p) for p in sorted(out.path("images").glob("*.png"))],
+        "caption": row["caption"],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,9 +68,16 @@ def main(argv: list[str] | None = None) -> None:
     trained = train(config=str(config))
     evaluation = evaluate(model=trained["model_uri"], config=str(config))
     inputs = write_generate_inputs(cfg, data / "generate_input")
-    output = run_generate(inputs["masks"], inputs["images"], str(data / "generated" / "demo.mp4"),
-                          masked_video=inputs["masked_video"], caption=inputs["caption"], model=DEFAULT_MODEL_URI,
-                          overwrite=True, data_dir=cfg.mlflow.data_dir)
+    output = run_generate(
+        inputs["masks"],
+        inputs["images"],
+        str(data / "generated" / "demo.mp4"),
+        masked_video=inputs["masked_video"],
+        caption=inputs["caption"],
+        model=DEFAULT_MODEL_URI,
+        overwrite=True,
+        data_dir=cfg.mlflow.data_dir,
+    )
 
     registry = evaluation["registry"]
     print(

@@ -67,7 +67,9 @@ class Progress:
 
     def __init__(self):
         self.done, self.total, self._last = 0, 0, 0.0
-        self._id = create_progress_artifact(0.0, key="build-dataset-progress", description="items processed / items known")
+        self._id = create_progress_artifact(
+            0.0, key="build-dataset-progress", description="items processed / items known"
+        )
 
     def add(self, n: int) -> None:
         self.total += n
@@ -87,10 +89,16 @@ class Runner:
         """rerun: stages that run every item again instead of trusting the cache (a config change)."""
         self.root, self.progress = root, progress
         storage = cache_storage(root)
-        tasks = {"scenes": scenes_task, "segment": segment_task, "masking": masking_task,
-                 "product_images": product_images_task}
-        self.tasks = {stage: task.with_options(result_storage=storage, refresh_cache=stage in rerun or None)
-                      for stage, task in tasks.items()}
+        tasks = {
+            "scenes": scenes_task,
+            "segment": segment_task,
+            "masking": masking_task,
+            "product_images": product_images_task,
+        }
+        self.tasks = {
+            stage: task.with_options(result_storage=storage, refresh_cache=stage in rerun or None)
+            for stage, task in tasks.items()
+        }
         self.items: dict[PrefectFuture, tuple[str, dict, dict]] = {}
         self.work: dict[str, collections.Counter] = {stage: collections.Counter() for stage in self.tasks}
 
@@ -106,13 +114,30 @@ class Runner:
             result = future.result()
             cached = future.state.name == "Cached"
             if not self._outputs_exist(stage, result):
-                result = self.tasks[stage].with_options(refresh_cache=True).submit(root=str(self.root.root), **kwargs).result()
+                result = (
+                    self.tasks[stage]
+                    .with_options(refresh_cache=True)
+                    .submit(root=str(self.root.root), **kwargs)
+                    .result()
+                )
                 cached = False
             self.work[stage]["cached" if cached else "ran"] += 1
         except SystemicError:
             raise
         except Exception as exc:  # an unexpected bug on one item: set it aside, keep the run going
-            result = {"rows": [], "rejects": [reject_row(stage, label["item"], "internal_error", f"{type(exc).__name__}: {exc}", label.get("product_id"), label.get("clip_id"))]}
+            result = {
+                "rows": [],
+                "rejects": [
+                    reject_row(
+                        stage,
+                        label["item"],
+                        "internal_error",
+                        f"{type(exc).__name__}: {exc}",
+                        label.get("product_id"),
+                        label.get("clip_id"),
+                    )
+                ],
+            }
         self.progress.step()
         return result
 
@@ -138,8 +163,12 @@ def build_dataset(source: str, output: str, config: str | BuildConfig | None = N
     cfg = resolve_build_config(root, config, overrides, default=DEFAULT_CONFIG)
     plan = rebuild_plan(recorded_build_config(root), cfg, root.has_manifest("dataset"))
     if plan["changes"]:
-        logger.warning("the config differs from the one %s was built with (%s); stages %s run every item "
-                       "again", root.root, "; ".join(plan["changes"]), sorted(plan["rerun"]))
+        logger.warning(
+            "the config differs from the one %s was built with (%s); stages %s run every item again",
+            root.root,
+            "; ".join(plan["changes"]),
+            sorted(plan["rerun"]),
+        )
     root.write_build_config(cfg.model_dump(mode="json"))
     scenes, segmentation, masking, images, splits = cfg.scenes, cfg.segmentation, cfg.masking, cfg.images, cfg.splits
 
@@ -168,7 +197,9 @@ def build_dataset(source: str, output: str, config: str | BuildConfig | None = N
     for future in as_completed(scene_futures):
         for clip in _merge(results, "scenes", run.outcome(future)):
             label = {"item": clip["clip_key"], "product_id": clip["product_id"], "clip_id": clip["clip_id"]}
-            segment_futures[run.submit("segment", label, clip=clip, prompt=products[clip["product_id"]]["prompt"], cfg=segmentation)] = clip
+            segment_futures[
+                run.submit("segment", label, clip=clip, prompt=products[clip["product_id"]]["prompt"], cfg=segmentation)
+            ] = clip
     masking_futures = []
     for future in as_completed(list(segment_futures)):
         clip = segment_futures[future]
@@ -184,7 +215,13 @@ def build_dataset(source: str, output: str, config: str | BuildConfig | None = N
     if root.has_manifest("dataset"):
         previous = dict(zip(*root.read_manifest("dataset").select(["product_id", "split"]).to_pydict().values()))
     rows, dataset_json, assemble_rejects = assemble(
-        ingested["products"], results["scenes"], results["segment"], results["masking"], results["product_images"], previous, splits
+        ingested["products"],
+        results["scenes"],
+        results["segment"],
+        results["masking"],
+        results["product_images"],
+        previous,
+        splits,
     )
     results["rejects"] += assemble_rejects
 
@@ -222,14 +259,24 @@ def _summary(manifests: dict[str, list[dict]], dataset_rows: list[dict], work: d
 
 def _publish_summary(summary: dict, root: DatasetRoot) -> None:
     table = [{"section": "items", "name": k, "count": v} for k, v in summary["items"].items()]
-    table += [{"section": "task runs (ran / from cache)", "name": k, "count": f"{v['ran']} / {v['cached']}"} for k, v in summary["task_runs"].items()]
+    table += [
+        {"section": "task runs (ran / from cache)", "name": k, "count": f"{v['ran']} / {v['cached']}"}
+        for k, v in summary["task_runs"].items()
+    ]
     table += [{"section": "rejects", "name": k, "count": v} for k, v in summary["rejects"].items()]
     table += [{"section": "clips per split", "name": k, "count": v} for k, v in summary["clips_per_split"].items()]
-    create_table_artifact(table, key="build-dataset-summary", description=f"Dataset at `{root.root}`: items per stage, rejects by reason, clips per split")
+    create_table_artifact(
+        table,
+        key="build-dataset-summary",
+        description=f"Dataset at `{root.root}`: items per stage, rejects by reason, clips per split",
+    )
     lines = [f"# Dataset built at `{root.root}`", "", "| split | clips | products |", "|---|---|---|"]
     lines += [f"| {s} | {summary['clips_per_split'][s]} | {summary['products_per_split'][s]} |" for s in SPLITS]
-    lines += ["", "Manifests: `manifests/*.parquet`; what was set aside and why: `manifests/rejects.parquet`.",
-              f"Config `{summary['config']}`, recorded in `build.yaml`."]
+    lines += [
+        "",
+        "Manifests: `manifests/*.parquet`; what was set aside and why: `manifests/rejects.parquet`.",
+        f"Config `{summary['config']}`, recorded in `build.yaml`.",
+    ]
     if summary["config_changes"]:
         lines += ["", "Changed since the previous build of this root (those stages ran every item again):", ""]
         lines += [f"- `{change}`" for change in summary["config_changes"]]
@@ -249,11 +296,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Build a training dataset from crawled product pages.")
     parser.add_argument("--source", required=True, help="source tree: local path or fsspec URL")
     parser.add_argument("--output", required=True, help="dataset root to create or update")
-    parser.add_argument("--config", default=None,
-                        help="build config YAML (configs/dataset/*.yaml); default: the one the output records "
-                             "(OUT/build.yaml), else configs/dataset/default.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override of the config, e.g. segmentation.backend=classic (repeatable)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="build config YAML (configs/dataset/*.yaml); default: the one the output records "
+        "(OUT/build.yaml), else configs/dataset/default.yaml",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override of the config, e.g. segmentation.backend=classic (repeatable)",
+    )
     parser.add_argument("--dask-workers", type=int, default=0, help="run per-item tasks on a local Dask cluster")
     # The two options the command line once had: gone, so that they never silently overwrite the config.
     parser.add_argument("--segmenter", help=argparse.SUPPRESS)
@@ -261,8 +317,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     for flag, key in (("segmenter", "segmentation.backend"), ("background_removal", "images.backend")):
         if getattr(args, flag) is not None:
-            parser.error(f"--{flag.replace('_', '-')} is gone: use --set {key}={getattr(args, flag)} "
-                         "(or --config configs/dataset/demo.yaml for both weights-free backends)")
+            parser.error(
+                f"--{flag.replace('_', '-')} is gone: use --set {key}={getattr(args, flag)} "
+                "(or --config configs/dataset/demo.yaml for both weights-free backends)"
+            )
     # The config is read and checked before the flow starts: a bad key is one line, exit 2.
     root = DatasetRoot(Path(args.output).expanduser().resolve())
     try:
@@ -272,7 +330,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.exit(2, f"error: {error}\n")
     runner = run_with_dask(args.dask_workers) if args.dask_workers else build_dataset
     summary = runner(source=args.source, output=str(root.root), config=cfg)
-    print(f"dataset: {root.root}  config: {cfg.name} (recorded in build.yaml)  clips per split: {summary['clips_per_split']}")
+    print(
+        f"dataset: {root.root}  config: {cfg.name} (recorded in build.yaml)  clips per split: {summary['clips_per_split']}"
+    )
     return summary
 
 

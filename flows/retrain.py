@@ -28,6 +28,7 @@ entrypoint (`SUBFLOWS`, the same flows prefect.yaml deploys) when it runs, so th
 its only contract with them; what it shares with evaluate lives in tasks/training/registry.py. The
 alternative, `run_deployment`, would need the deployments and a worker for every run of retrain.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,11 @@ from tasks.training.registry import data_changes
 from tasks.training.run_config import load_run_config
 
 # The flows retrain runs, by entrypoint (module:function; prefect.yaml names the same files).
-SUBFLOWS = {"build_dataset": "flows.build_dataset:build_dataset", "train": "flows.train:train",
-            "evaluate": "flows.evaluate:evaluate"}
+SUBFLOWS = {
+    "build_dataset": "flows.build_dataset:build_dataset",
+    "train": "flows.train:train",
+    "evaluate": "flows.evaluate:evaluate",
+}
 
 
 def subflow(step: str) -> Flow:
@@ -62,7 +66,8 @@ def champion_version(name: str):
     except mlflow.exceptions.MlflowException as error:
         raise tracking.ModelNotFoundError(
             f"{name} has no champion to fine-tune: train and evaluate a first model (flows train + "
-            "evaluate, or `python -m demo`), then retrain") from error
+            "evaluate, or `python -m demo`), then retrain"
+        ) from error
 
 
 def recorded_build(root: str) -> BuildConfig:
@@ -73,20 +78,27 @@ def recorded_build(root: str) -> BuildConfig:
             f"dataset {root} records no build config (build.yaml), so retrain cannot refresh it the way it "
             "was built: build it once with build-dataset and the config it was built with "
             f"(python -m flows.build_dataset --source SOURCE --output {root} --config configs/dataset/<name>.yaml), "
-            "which records it, or retrain with refresh_dataset=False")
+            "which records it, or retrain with refresh_dataset=False"
+        )
     return recorded
 
 
 def _describe(changes: dict, version: str) -> str:
     if not changes["known"]:
         return f"champion version {version} has no record of its training data"
-    return (f"{len(changes['new'])} new and {len(changes['changed'])} changed train clips since champion "
-            f"version {version} ({len(changes['removed'])} removed)")
+    return (
+        f"{len(changes['new'])} new and {len(changes['changed'])} changed train clips since champion "
+        f"version {version} ({len(changes['removed'])} removed)"
+    )
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(source: str = "data/demo/source", dataset: str | None = None, config: str = "configs/tiny.yaml",
-            refresh_dataset: bool = True) -> dict:
+def retrain(
+    source: str = "data/demo/source",
+    dataset: str | None = None,
+    config: str = "configs/tiny.yaml",
+    refresh_dataset: bool = True,
+) -> dict:
     """Refresh `dataset` (default: the config's data.root) from `source` with the build config it
     records (build.yaml); retrain if it has new data."""
     logger = get_run_logger()
@@ -112,11 +124,22 @@ def retrain(source: str = "data/demo/source", dataset: str | None = None, config
     trained = train(config=cfg, init_from=champion_uri)
     evaluation = evaluate(model=trained["model_uri"], config=cfg, register=True)
     registry = evaluation["registry"]
-    outcome = (f"version {registry['version']} is the new champion" if registry.get("promoted")
-               else f"champion stays version {champion.version}: {registry.get('reason')}")
+    outcome = (
+        f"version {registry['version']} is the new champion"
+        if registry.get("promoted")
+        else f"champion stays version {champion.version}: {registry.get('reason')}"
+    )
     create_markdown_artifact(
         f"# Retrain: {outcome}\n\n- data: {described}\n- fine-tuned from `{champion_uri}`: training run "
         f"`{trained['run_id']}`, {trained['global_step']} steps\n- evaluation run "
-        f"`{evaluation['evaluation_run_id']}`, verdict {evaluation['verdict']}\n", key="retrain-decision")
-    return {"retrained": True, "reason": described, "champion": str(champion.version), "dataset": built,
-            "train": trained, "evaluation": evaluation}
+        f"`{evaluation['evaluation_run_id']}`, verdict {evaluation['verdict']}\n",
+        key="retrain-decision",
+    )
+    return {
+        "retrained": True,
+        "reason": described,
+        "champion": str(champion.version),
+        "dataset": built,
+        "train": trained,
+        "evaluation": evaluation,
+    }

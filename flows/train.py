@@ -12,6 +12,7 @@ many GPUs of this host (tasks/training/torchrun.py, docs/distributed.md):
 
     python -m flows.train --config configs/poc-1.3b.yaml --set train.distributed.nproc_per_node=2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ def precompute(config: str = "configs/tiny.yaml", overrides: list[str] = []) -> 
 
 
 @flow(name="train", log_prints=True)
-def train(config: str | RunConfig = "configs/tiny.yaml", overrides: list[str] = [], resume: bool = True,
-          init_from: str | None = None) -> dict:
+def train(
+    config: str | RunConfig = "configs/tiny.yaml",
+    overrides: list[str] = [],
+    resume: bool = True,
+    init_from: str | None = None,
+) -> dict:
     """Train the run config's model (a YAML path, or a RunConfig a caller has read: retrain);
     returns {run_id, model_uri (runs:/<id>/model), run_dir, model_dir, stage, global_step,
     final_loss, resumed_from_step, precompute: {...}}."""
@@ -44,10 +49,15 @@ def train(config: str | RunConfig = "configs/tiny.yaml", overrides: list[str] = 
     latents = precompute_latents(cfg)
     launch = train_with_torchrun if cfg.train.distributed.uses_torchrun else run_training
     result = launch(cfg, resume=resume, init_from=init_from)
-    result = result | {"precompute": {key: latents[key] for key in ("signature", "ran", "cached")}
-                       | {"rejects": len(latents["rejects"])}}
-    resumed = (f"resumed from step {result['resumed_from_step']}" if result["resumed_from_step"] is not None
-               else "from the start")
+    result = result | {
+        "precompute": {key: latents[key] for key in ("signature", "ran", "cached")}
+        | {"rejects": len(latents["rejects"])}
+    }
+    resumed = (
+        f"resumed from step {result['resumed_from_step']}"
+        if result["resumed_from_step"] is not None
+        else "from the start"
+    )
     logger.info("trained %s (%s) to step %d: %s", cfg.name, resumed, result["global_step"], result["model_uri"])
     create_markdown_artifact(
         f"# Training run `{result['run_id']}`\n\nConfig `{config if isinstance(config, str) else cfg.name}` "
@@ -55,15 +65,23 @@ def train(config: str | RunConfig = "configs/tiny.yaml", overrides: list[str] = 
         f"{result['global_step']} steps, final loss {result['final_loss']:.4g}.\n\n"
         f"- model: `{result['model_uri']}` (local copy `{result['model_dir']}`)\n"
         f"- precompute: {result['precompute']['ran']} clips encoded, {result['precompute']['cached']} from cache, "
-        f"{result['precompute']['rejects']} set aside\n", key="train-run")
+        f"{result['precompute']['rejects']} set aside\n",
+        key="train-run",
+    )
     return result
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Precompute latents and train the product video generator.")
     parser.add_argument("--config", default="configs/tiny.yaml", help="run config YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override, e.g. train.stage1.max_steps=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. train.stage1.max_steps=3 (repeatable)",
+    )
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start a new run")
     parser.add_argument("--init-from", default=None, help="model folder or runs:/ / models:/ URI to fine-tune")
     add_result_argument(parser)

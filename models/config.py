@@ -6,6 +6,7 @@ training objective and the sampler. `base_model: tiny` means "random tiny compon
 models.tiny" (CPU tests and demo); `models.tiny.materialize_tiny` saves them to a folder and
 returns a config pointing at it, so tests load through the same `from_pretrained` path as users.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

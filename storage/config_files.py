@@ -6,6 +6,7 @@ Both config families read their files here: the run config of train and evaluate
 (tasks/dataset/build_config.py, configs/dataset/*.yaml). An override's value is parsed as YAML,
 so `3` is an int, `null` is None and `[0.9,0.99]` a list; intermediate sections are created.
 """
+
 from __future__ import annotations
 
 import types
@@ -85,14 +86,19 @@ def describe_errors(error: ValidationError, cls: type[BaseModel]) -> str:
         key = ".".join(str(part) for part in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             section = _model_at(cls, loc[:-1])
-            known = f" ({'.'.join(map(str, loc[:-1])) or 'the top level'} takes: {', '.join(section.model_fields)})" \
-                if section is not None else ""
+            known = (
+                f" ({'.'.join(map(str, loc[:-1])) or 'the top level'} takes: {', '.join(section.model_fields)})"
+                if section is not None
+                else ""
+            )
             parts.append(f"{key}: unknown key{known}")
             continue
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
         # A validator's own message names the value already; pydantic's built-in ones do not.
-        plain = item["type"] not in ("missing", "value_error", "assertion_error") and not isinstance(value, (dict, list))
+        plain = item["type"] not in ("missing", "value_error", "assertion_error") and not isinstance(
+            value, (dict, list)
+        )
         shown = f" (got {value!r})" if plain else ""
         parts.append(f"{key}: {message}{shown}")
     return _first_line("; ".join(parts))

@@ -191,7 +191,9 @@ class DatasetRoot:
         return read_mapping(path, "build config", "written by build-dataset") if path.is_file() else None
 
     def write_build_config(self, tree: dict) -> None:
-        header = ("# build-dataset's config of this dataset root, recorded when its last build started.\n"
-                  "# The next build of this root uses it unless given --config; retrain refreshes with it.\n")
+        header = (
+            "# build-dataset's config of this dataset root, recorded when its last build started.\n"
+            "# The next build of this root uses it unless given --config; retrain refreshes with it.\n"
+        )
         with self.atomic_file(self.build_config_rel) as tmp:
             tmp.write_text(header + yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")

@@ -10,6 +10,7 @@ versions (`challenger`, `champion`; MLflow 3 deprecates stages). Which version b
 is a rule of the pipeline, not of the data contract: tasks/training/registry.py.
 `models:/product-video-generator@champion` is what generate and evaluate load by default.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,14 +91,15 @@ def version_metrics(name: str, version: str | int, client: MlflowClient | None =
     for key, text in tags.items():
         if key.startswith(METRIC_TAG_PREFIX):
             try:
-                numbers[key[len(METRIC_TAG_PREFIX):]] = float(text)
+                numbers[key[len(METRIC_TAG_PREFIX) :]] = float(text)
             except ValueError:
                 continue  # "unavailable: ..."
     return numbers
 
 
-def register_model_version(run_id: str, artifact_path: str, metrics: Mapping,
-                           name: str = MODEL_NAME, tags: Mapping[str, str] | None = None) -> str:
+def register_model_version(
+    run_id: str, artifact_path: str, metrics: Mapping, name: str = MODEL_NAME, tags: Mapping[str, str] | None = None
+) -> str:
     """Register the checkpoint folder logged at runs:/<run_id>/<artifact_path>; return the version.
 
     `metrics` maps names to floats or MetricValues; each becomes a version tag metric.<name>.
@@ -112,9 +114,11 @@ def register_model_version(run_id: str, artifact_path: str, metrics: Mapping,
     # checkpoint is a plain artifact folder, so the version's source is its artifact URI.
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
     version = client.create_model_version(
-        name, source, run_id=run_id,
-        tags={**{METRIC_TAG_PREFIX + key: _metric_tag(value) for key, value in metrics.items()},
-              **(tags or {})})
+        name,
+        source,
+        run_id=run_id,
+        tags={**{METRIC_TAG_PREFIX + key: _metric_tag(value) for key, value in metrics.items()}, **(tags or {})},
+    )
     return str(version.version)
 
 
@@ -135,7 +139,7 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 def _parse_alias_uri(uri: str) -> tuple[str, str] | None:
     """models:/<name>@<alias> -> (name, alias); other URIs -> None."""
     if uri.startswith("models:/") and "@" in uri:
-        name, alias = uri[len("models:/"):].rstrip("/").split("@", 1)
+        name, alias = uri[len("models:/") :].rstrip("/").split("@", 1)
         return name, alias
     return None
 
@@ -155,19 +159,21 @@ def model_source(uri: str) -> ModelSource:
     """Resolve runs:/<id>/<path>, models:/<name>@<alias> and models:/<name>/<version>; anything
     else has no run (a local folder is logged to the evaluation run when registered)."""
     if uri.startswith("runs:/"):
-        run_id, _, path = uri[len("runs:/"):].partition("/")
+        run_id, _, path = uri[len("runs:/") :].partition("/")
         return ModelSource(uri, run_id, path.strip("/") or "model", None)
     if not uri.startswith("models:/"):
         return ModelSource(uri, None, None, None)
     client = MlflowClient()
     alias = _parse_alias_uri(uri)
     if alias is None:
-        version = client.get_model_version(*uri[len("models:/"):].rstrip("/").rsplit("/", 1))
+        version = client.get_model_version(*uri[len("models:/") :].rstrip("/").rsplit("/", 1))
         return ModelSource(uri, version.run_id, None, str(version.version))
     number = alias_version(client, *alias)
     if number is None:
-        raise ModelNotFoundError(f"no version of {alias[0]} has alias {alias[1]} yet: run the train and evaluate "
-                                 "flows (or retrain) first, or pass a runs:/ URI or a local model folder")
+        raise ModelNotFoundError(
+            f"no version of {alias[0]} has alias {alias[1]} yet: run the train and evaluate "
+            "flows (or retrain) first, or pass a runs:/ URI or a local model folder"
+        )
     return ModelSource(uri, client.get_model_version(alias[0], number).run_id, None, number)
 
 
@@ -188,12 +194,14 @@ def resolve_model_uri(uri: str = DEFAULT_MODEL_URI, dst_path: str | Path | None 
         if alias_version(MlflowClient(), name, alias_name) is None:
             raise ModelNotFoundError(
                 f"no version of {name} has alias {alias_name} yet: run the retrain or "
-                "train+evaluate flows, or pass a local checkpoint")
+                "train+evaluate flows, or pass a local checkpoint"
+            )
     if dst_path is not None:
         Path(dst_path).mkdir(parents=True, exist_ok=True)
     try:
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=uri,
-                                                     dst_path=None if dst_path is None else str(dst_path))
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=None if dst_path is None else str(dst_path)
+        )
     except MlflowException as error:
         raise ModelNotFoundError(f"could not download {uri}: {error.message}") from error
     return Path(folder)

@@ -6,6 +6,7 @@ The dataset is built once per test session into a fixed folder under pytest's ba
 reused by every module that imports the fixture (build-dataset itself is cached, so a second
 call only checks).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,10 @@ def build_tiny_dataset(folder: Path, num_products: int = NUM_PRODUCTS, seed: int
 
 def tiny_run_config(dataset: Path, data_dir: Path, overrides: list[str] = ()) -> RunConfig:
     """configs/tiny.yaml pointed at `dataset`, with runs and MLflow under `data_dir`."""
-    return load_run_config(TINY_CONFIG, [f"data.root={dataset}", f"mlflow.data_dir={data_dir}",
-                                         f"train.runs_dir={data_dir / 'runs'}", *overrides])
+    return load_run_config(
+        TINY_CONFIG,
+        [f"data.root={dataset}", f"mlflow.data_dir={data_dir}", f"train.runs_dir={data_dir / 'runs'}", *overrides],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -53,5 +56,3 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.getbasetemp() / "project-data"
     folder.mkdir(exist_ok=True)
     return folder
-
-

@@ -4,6 +4,7 @@ The model is the tiny config's generator as initialised (no training: evaluate a
 not care how good it is), saved as a model folder and logged to an MLflow run with a short loss
 curve, exactly as the train flow logs its model. The end-to-end test trains for real.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,13 @@ def log_untrained_model(config_file: Path, folder: Path, losses=(1.0, 0.9, 0.8))
     run_config = load_run_config(config_file)
     cfg = resolve_model_config(run_config.model, run_config.mlflow.data_dir)
     generator = ProductVideoGenerator.from_model_config(cfg)
-    save_model_folder(folder, generator, run_config, adapter_only=False,
-                      info={"stage": 2, "step": len(losses), "dataset_root": run_config.data.root})
+    save_model_folder(
+        folder,
+        generator,
+        run_config,
+        adapter_only=False,
+        info={"stage": 2, "step": len(losses), "dataset_root": run_config.data.root},
+    )
     experiment_id = tracking.setup_mlflow(run_config.mlflow.experiment, run_config.mlflow.data_dir)
     with mlflow.start_run(experiment_id=experiment_id, run_name="fixture-train") as run:
         for step, loss in enumerate(losses):

@@ -1,5 +1,6 @@
 """build-dataset's config: the shipped YAMLs, --set overrides, one-line errors (exit 2 on the
 command line), the config a dataset root records, and what a rebuild with another config does."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,14 @@ import pytest
 from flows.build_dataset import DEFAULT_CONFIG, main
 from storage.config_files import ConfigError
 from storage.layout import DatasetRoot
-from tasks.dataset.build_config import (BuildConfig, differences, load_build_config, rebuild_plan,
-                                        recorded_build_config, resolve_build_config)
+from tasks.dataset.build_config import (
+    BuildConfig,
+    differences,
+    load_build_config,
+    rebuild_plan,
+    recorded_build_config,
+    resolve_build_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
 
@@ -34,26 +41,36 @@ def test_the_shipped_configs_use_the_weights_free_backends(name):
     cfg = load_build_config(CONFIGS / f"{name}.yaml")
     assert cfg.name == name and (cfg.segmentation.backend, cfg.images.backend) == ("classic", "classic")
     if name == "demo":  # otherwise the defaults
-        assert differences(BuildConfig(), cfg) == ["segmentation.backend: 'grounded-sam2' -> 'classic'",
-                                                   "images.backend: 'rembg' -> 'classic'"]
+        assert differences(BuildConfig(), cfg) == [
+            "segmentation.backend: 'grounded-sam2' -> 'classic'",
+            "images.backend: 'rembg' -> 'classic'",
+        ]
 
 
 def test_overrides_are_typed_and_validated():
-    cfg = load_build_config(CONFIGS / "demo.yaml", ["scenes.min_short_side=null", "splits.ratios=[0.6,0.2,0.2]",
-                                                    "segmentation.dilate_px=2", "name=mine"])
+    cfg = load_build_config(
+        CONFIGS / "demo.yaml",
+        ["scenes.min_short_side=null", "splits.ratios=[0.6,0.2,0.2]", "segmentation.dilate_px=2", "name=mine"],
+    )
     assert cfg.scenes.min_short_side is None and cfg.splits.ratios == (0.6, 0.2, 0.2)
     assert cfg.segmentation.dilate_px == 2 and cfg.name == "mine"
     assert cfg.segmentation.backend == "classic"  # the file's value where no override says otherwise
 
 
-@pytest.mark.parametrize("override, says", [
-    ("scenes.fsp=30", "scenes.fsp: unknown key (scenes takes: detector, "),
-    ("scene.fps=30", "scene: unknown key (the top level takes: name, scenes, segmentation, masking, images, splits)"),
-    ("segmentation.backend=sam", "segmentation.backend: Input should be 'grounded-sam2' or 'classic' (got 'sam')"),
-    ("masking.crf=99", "masking.crf: Input should be less than or equal to 51 (got 99)"),
-    ("scenes.min_clip_s=20", "scenes: min_clip_s=20.0 must not exceed max_clip_s=10.0"),
-    ("scenes.fps", "override 'scenes.fps' must look like section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("scenes.fsp=30", "scenes.fsp: unknown key (scenes takes: detector, "),
+        (
+            "scene.fps=30",
+            "scene: unknown key (the top level takes: name, scenes, segmentation, masking, images, splits)",
+        ),
+        ("segmentation.backend=sam", "segmentation.backend: Input should be 'grounded-sam2' or 'classic' (got 'sam')"),
+        ("masking.crf=99", "masking.crf: Input should be less than or equal to 51 (got 99)"),
+        ("scenes.min_clip_s=20", "scenes: min_clip_s=20.0 must not exceed max_clip_s=10.0"),
+        ("scenes.fps", "override 'scenes.fps' must look like section.key=value"),
+    ],
+)
 def test_a_bad_key_or_value_is_one_line_naming_it(override, says):
     with pytest.raises(ConfigError) as error:
         load_build_config(CONFIGS / "demo.yaml", [override])
@@ -70,13 +87,16 @@ def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path):
         load_build_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--set", "scenes.fsp=30"], "scenes.fsp: unknown key"),
-    (["--set", "images.backend=magic"], "images.backend: Input should be 'rembg' or 'classic'"),
-    (["--config", "no/such.yaml"], "build config no/such.yaml not found"),
-    (["--segmenter", "classic"], "--segmenter is gone: use --set segmentation.backend=classic"),
-    (["--background-removal", "classic"], "--background-removal is gone: use --set images.backend=classic"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--set", "scenes.fsp=30"], "scenes.fsp: unknown key"),
+        (["--set", "images.backend=magic"], "images.backend: Input should be 'rembg' or 'classic'"),
+        (["--config", "no/such.yaml"], "build config no/such.yaml not found"),
+        (["--segmenter", "classic"], "--segmenter is gone: use --set segmentation.backend=classic"),
+        (["--background-removal", "classic"], "--background-removal is gone: use --set images.backend=classic"),
+    ],
+)
 def test_the_command_line_answers_a_bad_config_in_one_line(argv, says, tmp_path, capsys):
     output = tmp_path / "dataset"
     with pytest.raises(SystemExit) as stopped:

@@ -26,15 +26,19 @@ TINY = load_build_config(TINY_BUILD_CONFIG)  # classic backends, 96x144 clips of
 STAGES = ("scenes", "segment", "masking", "product_images")
 
 
-def run(source: Path, output: Path, overrides: list[str] = (), runner=build_dataset,
-        config=str(TINY_BUILD_CONFIG)) -> tuple[dict, dict[str, Counter]]:
+def run(
+    source: Path, output: Path, overrides: list[str] = (), runner=build_dataset, config=str(TINY_BUILD_CONFIG)
+) -> tuple[dict, dict[str, Counter]]:
     """Run the flow; return its summary and, per stage, how many task runs ran vs came from cache."""
     summary = runner(source=str(source), output=str(output), config=config, overrides=list(overrides))
     return summary, {stage: Counter({k: v for k, v in c.items() if v}) for stage, c in summary["task_runs"].items()}
 
 
 def manifest(output: Path, name: str, key: str) -> list[dict]:
-    return sorted(pq.read_table(output / "manifests" / f"{name}.parquet").to_pylist(), key=lambda r: (r[key], json.dumps(r, sort_keys=True, default=str)))
+    return sorted(
+        pq.read_table(output / "manifests" / f"{name}.parquet").to_pylist(),
+        key=lambda r: (r[key], json.dumps(r, sort_keys=True, default=str)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +63,23 @@ def test_outputs_follow_the_layout_and_the_seed_schema(first_build):
     entries = [e for split in dataset.values() for e in split]
     assert entries and len(entries) == summary["items"]["dataset"]
     products = {split: {e["product_id"] for e in dataset[split]} for split in dataset}
-    assert not (products["train"] & products["val"] or products["train"] & products["test"] or products["val"] & products["test"])
+    assert not (
+        products["train"] & products["val"]
+        or products["train"] & products["test"]
+        or products["val"] & products["test"]
+    )
     for e in entries:
-        assert set(e) == {"product_id", "clip_id", "video_path", "masked_video_path", "mask_dir", "product_images", "caption", "num_frames", "fps"}
+        assert set(e) == {
+            "product_id",
+            "clip_id",
+            "video_path",
+            "masked_video_path",
+            "mask_dir",
+            "product_images",
+            "caption",
+            "num_frames",
+            "fps",
+        }
         assert (output / e["video_path"]).is_file() and (output / e["masked_video_path"]).is_file()
         masks = sorted((output / e["mask_dir"]).glob("*.png"))
         assert len(masks) == e["num_frames"] and [m.name for m in masks][:2] == ["00000.png", "00001.png"]
@@ -74,9 +92,13 @@ def test_outputs_follow_the_layout_and_the_seed_schema(first_build):
 
 def test_rerun_with_nothing_changed_does_no_work(first_build, tiny_source):
     output, summary, _ = first_build
-    before = {n: manifest(output, n, "product_id") for n in ("clips", "masks", "masked_videos", "product_images", "dataset")}
+    before = {
+        n: manifest(output, n, "product_id") for n in ("clips", "masks", "masked_videos", "product_images", "dataset")
+    }
     again, work = run(tiny_source, output)
-    assert {k: v for k, v in again.items() if k != "task_runs"} == {k: v for k, v in summary.items() if k != "task_runs"}
+    assert {k: v for k, v in again.items() if k != "task_runs"} == {
+        k: v for k, v in summary.items() if k != "task_runs"
+    }
     assert all(w["ran"] == 0 and w["cached"] > 0 for w in work.values()), work
     assert {n: manifest(output, n, "product_id") for n in before} == before
 
@@ -146,7 +168,15 @@ def test_incremental_builds_do_only_the_work_that_changed(tiny_source, tmp_path)
 def test_bad_inputs_become_reject_rows(tmp_path):
     source = tmp_path / "source"
     # Every good video is 720p (the default resolution filter applies), one short shot; photos small.
-    short = StudioConfig(num_products=2, seed=5, videos_per_product=(1, 1), shots_per_video=(1, 1), shot_seconds=(1.5, 1.5), image_size=96, portrait_fraction=0.0)
+    short = StudioConfig(
+        num_products=2,
+        seed=5,
+        videos_per_product=(1, 1),
+        shots_per_video=(1, 1),
+        shot_seconds=(1.5, 1.5),
+        image_size=96,
+        portrait_fraction=0.0,
+    )
     generate_studio(source, tmp_path / "truth", short)
     expected = add_bad_inputs(source, short)
     output = tmp_path / "dataset"
@@ -156,11 +186,21 @@ def test_bad_inputs_become_reject_rows(tmp_path):
     for what, description in expected.items():
         code = description.split(":")[0]
         if code == "kept":
-            assert any(r["source_name"] == Path(what).name and what.startswith(r["product_id"] + "/") for r in images), what
+            assert any(
+                r["source_name"] == Path(what).name and what.startswith(r["product_id"] + "/") for r in images
+            ), what
         elif code == "index_duplicate_kept":
-            assert any(p["product_id"] == what.split(":")[1] for p in pq.read_table(output / "manifests/products.parquet").to_pylist())
+            assert any(
+                p["product_id"] == what.split(":")[1]
+                for p in pq.read_table(output / "manifests/products.parquet").to_pylist()
+            )
         else:
-            hits = [r for r in rejects if r["reason_code"] == code and (what in r["item"] or r["product_id"] == what or what.endswith(r["item"]))]
+            hits = [
+                r
+                for r in rejects
+                if r["reason_code"] == code
+                and (what in r["item"] or r["product_id"] == what or what.endswith(r["item"]))
+            ]
             assert hits, f"no {code!r} reject for {what!r}; rejects: {Counter(r['reason_code'] for r in rejects)}"
     assert all(r["reason"] for r in rejects)
     assert summary["items"]["dataset"] > 0  # the good products made it through
@@ -172,5 +212,12 @@ def test_dask_cluster_of_two_processes_gives_the_same_manifests(first_build, tin
     output, _, _ = first_build
     dask_output = tmp_path / "dataset"
     run(tiny_source, dask_output, runner=run_with_dask(2))
-    for name, key in (("clips", "clip_key"), ("masks", "clip_key"), ("masked_videos", "clip_key"), ("product_images", "image_path"), ("dataset", "clip_key"), ("rejects", "item")):
+    for name, key in (
+        ("clips", "clip_key"),
+        ("masks", "clip_key"),
+        ("masked_videos", "clip_key"),
+        ("product_images", "image_path"),
+        ("dataset", "clip_key"),
+        ("rejects", "item"),
+    ):
         assert manifest(dask_output, name, key) == manifest(output, name, key), name

@@ -53,7 +53,13 @@ def prefect_server(tmp_path):
         "PYTHONPATH": str(REPO),
     }
     log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
     def healthy():
         try:
@@ -93,7 +99,14 @@ def test_deployment_run_on_a_real_server_and_ui(prefect_server, tmp_path):
     for pool in ("local-process", "gpu-process"):  # every pool prefect.yaml names
         _prefect(env, "work-pool", "create", pool, "--type", "process")
     _prefect(env, "--no-prompt", "deploy", "--name", "build-dataset/demo")
-    worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "local-process"], env=env, cwd=REPO, stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [BIN / "prefect", "worker", "start", "--pool", "local-process"],
+        env=env,
+        cwd=REPO,
+        stdout=open(tmp_path / "worker.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         # The deployment names configs/dataset/demo.yaml; a run adds overrides for the tiny sources.
         overrides = '["scenes.min_short_side=null", "scenes.height=96", "scenes.width=144"]'
@@ -112,7 +125,9 @@ def test_deployment_run_on_a_real_server_and_ui(prefect_server, tmp_path):
     assert (output / "dataset.json").exists()
     recorded = load_build_config(output / "build.yaml")  # the deployment's config with the run's overrides
     assert (recorded.name, recorded.segmentation.backend, recorded.scenes.height) == ("demo", "classic", 96)
-    artifacts = httpx.post(f"http://127.0.0.1:{port}/api/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    artifacts = httpx.post(
+        f"http://127.0.0.1:{port}/api/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    ).json()
     assert {"build-dataset-summary", "build-dataset-progress"} <= {a["key"] for a in artifacts}
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -124,9 +139,23 @@ def test_deployment_run_on_a_real_server_and_ui(prefect_server, tmp_path):
         (f"http://127.0.0.1:{port}/artifacts/artifact/{summary['id']}", "rejects"),
     ):
         dom = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom", url],
-            capture_output=True, text=True, timeout=120,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
         assert expected in dom, f"{url} did not show {expected!r}"

@@ -3,6 +3,7 @@ models nothing of tasks or flows; tasks/dataset nothing of tasks/training (train
 dataset, never the other way round); tasks nothing of flows; and flows import no flows (retrain
 runs the other flows by entrypoint, flows/retrain.py). Every module of tasks/ is in one of its
 two subpackages. Read from the source with ast, imports inside functions included."""
+
 from __future__ import annotations
 
 import ast
@@ -58,15 +59,22 @@ def upward_imports(root: Path) -> list[str]:
 
 
 def flow_to_flow_imports(root: Path) -> list[str]:
-    return [f"{path.relative_to(root)} imports {imported}"
-            for name, path in modules(root).items() if layer_of(name) == "flows"
-            for imported in sorted(imported_modules(path)) if layer_of(imported) == "flows"]
+    return [
+        f"{path.relative_to(root)} imports {imported}"
+        for name, path in modules(root).items()
+        if layer_of(name) == "flows"
+        for imported in sorted(imported_modules(path))
+        if layer_of(imported) == "flows"
+    ]
 
 
 def modules_outside_the_layers(root: Path) -> list[str]:
     """Modules of a layer package in no layer (e.g. tasks/x.py beside tasks/dataset and tasks/training)."""
-    return [str(path.relative_to(root)) for name, path in modules(root).items()
-            if layer_of(name) is None and path.name != "__init__.py"]
+    return [
+        str(path.relative_to(root))
+        for name, path in modules(root).items()
+        if layer_of(name) is None and path.name != "__init__.py"
+    ]
 
 
 def test_no_layer_imports_a_higher_one():
@@ -99,10 +107,13 @@ def test_the_checks_see_each_kind_of_violation(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert sorted(upward_imports(tmp_path)) == [
-        "models/up.py imports flows.train", "storage/up.py imports tasks.dataset",
-        "storage/up.py imports tasks.dataset.stage", "tasks/dataset/package.py imports tasks.training",
+        "models/up.py imports flows.train",
+        "storage/up.py imports tasks.dataset",
+        "storage/up.py imports tasks.dataset.stage",
+        "tasks/dataset/package.py imports tasks.training",
         "tasks/dataset/up.py imports tasks.training.run_config",
-        "tasks/dataset/up.py imports tasks.training.run_config.RunConfig"]
+        "tasks/dataset/up.py imports tasks.training.run_config.RunConfig",
+    ]
     assert flow_to_flow_imports(tmp_path) == ["flows/b.py imports flows.a", "flows/b.py imports flows.a.x"]
     assert modules_outside_the_layers(tmp_path) == ["tasks/loose.py"]
 

@@ -228,7 +228,9 @@ def test_a_model_that_cannot_load_is_systemic(tmp_path, monkeypatch):
         process_product_images("P1", images, str(tmp_path / "out"), missing)
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     with pytest.raises(SystemicError, match="could not load"):
-        process_product_images("P1", images, str(tmp_path / "out"), ImageConfig(rembg_model=str(tmp_path / "broken.onnx")))
+        process_product_images(
+            "P1", images, str(tmp_path / "out"), ImageConfig(rembg_model=str(tmp_path / "broken.onnx"))
+        )
 
     # A named model is downloaded on first use; here (as on any offline machine) that fails.
     import pooch

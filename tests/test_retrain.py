@@ -1,6 +1,7 @@
 """retrain: no champion -> clear error; the refresh builds with the config the dataset records;
 no new data -> nothing done (said so); changed data -> fine-tune from the champion, evaluate,
 register."""
+
 from __future__ import annotations
 
 import re
@@ -29,7 +30,9 @@ def test_a_dataset_that_records_no_build_config_is_a_clear_error(split_dataset, 
     copy = tmp_path / "dataset"
     shutil.copytree(split_dataset, copy, ignore=shutil.ignore_patterns(".cache", "build.yaml"))
     config = write_config(tmp_path / "tiny.yaml", copy, local_mlflow)
-    with pytest.raises(ConfigError, match=re.escape(f"dataset {copy} records no build config (build.yaml), so retrain cannot")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"dataset {copy} records no build config (build.yaml), so retrain cannot")
+    ):
         retrain(source=str(split_dataset.parent / "source"), config=str(config))
     assert not (copy / "build.yaml").exists()  # nothing was built with a guessed config
 
@@ -56,8 +59,12 @@ def test_changed_data_fine_tunes_the_champion(trained_champion, split_dataset, t
     root.write_manifest("dataset", rows)
     name = trained_champion["registry_name"]
     champion = MlflowClient().get_model_version_by_alias(name, tracking.CHAMPION)
-    assert data_changes(champion, str(copy)) == {"new": [], "changed": [changed["clip_key"]], "removed": [],
-                                                 "known": True}
+    assert data_changes(champion, str(copy)) == {
+        "new": [],
+        "changed": [changed["clip_key"]],
+        "removed": [],
+        "known": True,
+    }
 
     result = retrain(dataset=str(copy), config=str(trained_champion["config"]), refresh_dataset=False)
     assert result["retrained"] and "0 new and 1 changed" in result["reason"]

@@ -263,7 +263,6 @@ def test_stage_is_a_prefect_task_named_segment():
     assert segment_task.name == "segment" and segment_task.fn is segment_clip
 
 
-
 @pytest.mark.parametrize("side", [100, 400])  # 5,000 and 80,000 components: 16- and 32-bit labels
 def test_connected_components_counts_every_component_of_a_checkerboard(side):
     from models.segmenters.base import connected_components

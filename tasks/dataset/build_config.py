@@ -17,6 +17,7 @@ config's (a cache entry of an older config may name files a later config has ove
 `splits` cannot change once a root has a dataset (splits are sticky: existing products would keep
 the old assignment while build.yaml claimed the new one).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -74,8 +75,12 @@ def recorded_build_config(root: DatasetRoot) -> BuildConfig | None:
     return validate_config(BuildConfig, data, where=f"{root.path(root.build_config_rel)} (the recorded build config)")
 
 
-def resolve_build_config(root: DatasetRoot, config: str | Path | BuildConfig | None, overrides: list[str] = (),
-                         default: str | Path | None = None) -> BuildConfig:
+def resolve_build_config(
+    root: DatasetRoot,
+    config: str | Path | BuildConfig | None,
+    overrides: list[str] = (),
+    default: str | Path | None = None,
+) -> BuildConfig:
     """The config of a build of `root`: `config` (a YAML path or a validated BuildConfig) or, when
     None, the root's recorded build.yaml, else the `default` file; with `overrides` applied."""
     if config is None:
@@ -87,16 +92,21 @@ def resolve_build_config(root: DatasetRoot, config: str | Path | BuildConfig | N
     if isinstance(config, BuildConfig):
         if not overrides:
             return config
-        return validate_config(BuildConfig, config.model_dump(mode="json"), overrides, where=f"build config {config.name!r}")
+        return validate_config(
+            BuildConfig, config.model_dump(mode="json"), overrides, where=f"build config {config.name!r}"
+        )
     return load_build_config(config, overrides)
 
 
 def differences(old: BuildConfig, new: BuildConfig) -> list[str]:
     """`section.key: old -> new` for every setting that differs (the name is not a setting)."""
     a, b = old.model_dump(mode="json", exclude={"name"}), new.model_dump(mode="json", exclude={"name"})
-    return [f"{section}.{key}: {a[section].get(key)!r} -> {b[section].get(key)!r}"
-            for section in b for key in sorted(set(a[section]) | set(b[section]))
-            if a[section].get(key) != b[section].get(key)]
+    return [
+        f"{section}.{key}: {a[section].get(key)!r} -> {b[section].get(key)!r}"
+        for section in b
+        for key in sorted(set(a[section]) | set(b[section]))
+        if a[section].get(key) != b[section].get(key)
+    ]
 
 
 def rebuild_plan(recorded: BuildConfig | None, new: BuildConfig, has_dataset: bool) -> dict:
@@ -111,5 +121,6 @@ def rebuild_plan(recorded: BuildConfig | None, new: BuildConfig, has_dataset: bo
         raise ConfigError(
             f"splits cannot change on a built dataset ({'; '.join(c for c in changes if c.startswith('splits.'))}): "
             "splits are sticky, its products would keep their old split; keep the recorded splits "
-            "(build.yaml in the output) or build into a new output")
+            "(build.yaml in the output) or build into a new output"
+        )
     return {"changes": changes, "rerun": {stage for section in changed for stage in SECTION_STAGES[section]}}

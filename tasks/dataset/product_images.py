@@ -178,15 +178,13 @@ def _cut_out(view: str, image: dict, cfg: ImageConfig) -> Cutout:
 
 
 def _backend_label(cfg: ImageConfig) -> str:
-    """"classic", or "rembg:<model>" with a model file named without its folder."""
+    """ "classic", or "rembg:<model>" with a model file named without its folder."""
     if cfg.backend != "rembg":
         return cfg.backend
     return f"rembg:{Path(cfg.rembg_model).name if is_model_file(cfg.rembg_model) else cfg.rembg_model}"
 
 
-def square_cutout(
-    rgb: np.ndarray, matte: np.ndarray, foreground: np.ndarray, size: int, margin: float
-) -> np.ndarray:
+def square_cutout(rgb: np.ndarray, matte: np.ndarray, foreground: np.ndarray, size: int, margin: float) -> np.ndarray:
     """Crop to the foreground's box (+ margin), fit into size x size keeping the aspect ratio,
     centre on a transparent canvas -> RGBA uint8."""
     ys, xs = np.nonzero(foreground)

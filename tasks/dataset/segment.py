@@ -123,8 +123,8 @@ def temporal_majority(masks: np.ndarray, window: int, motion_px: int = 0) -> np.
         uint8 pass per offset (a cumulative sum in int32 moves 8x the bytes)."""
         counts = stack.astype(np.uint8)
         for offset in range(1, half + 1):
-            counts[:t - offset] += stack[offset:]  # the frame `offset` later
-            counts[offset:] += stack[:t - offset]  # the frame `offset` earlier
+            counts[: t - offset] += stack[offset:]  # the frame `offset` later
+            counts[offset:] += stack[: t - offset]  # the frame `offset` earlier
         return counts
 
     near = dilate(masks, motion_px)

@@ -7,6 +7,7 @@ one-line error naming it (storage/config_files.py, shared with build-dataset's c
 resolved config is what MLflow logs as params and what a model folder stores as run_config.yaml,
 so a model can always be rebuilt the way it was trained.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,10 @@ PIXEL_MULTIPLE = SPATIAL_FACTOR * 2
 
 
 # Keys that change how fast a run trains or samples, not what it trains.
-SPEED_ONLY_KEYS = {"train": {"distributed", "gradient_checkpointing", "attention", "compile"},
-                   "model": {"sampler": {"attention", "compile", "step_cache_threshold"}}}
+SPEED_ONLY_KEYS = {
+    "train": {"distributed", "gradient_checkpointing", "attention", "compile"},
+    "model": {"sampler": {"attention", "compile", "step_cache_threshold"}},
+}
 
 
 class _Section(BaseModel):
@@ -160,10 +163,12 @@ class TrainConfig(_Section):
         ranks = self.distributed.nproc_per_node
         for name, stage in (("stage1", self.stage1), ("stage2", self.stage2)):
             if stage is not None and stage.batch_size < ranks:
-                raise ValueError(f"train.{name}.batch_size {stage.batch_size} is smaller than "
-                                 f"train.distributed.nproc_per_node {ranks}: each micro-batch is split across "
-                                 "the ranks, so some would have no clip; raise the batch size (and lower "
-                                 "grad_accum to keep the effective batch) or use fewer processes")
+                raise ValueError(
+                    f"train.{name}.batch_size {stage.batch_size} is smaller than "
+                    f"train.distributed.nproc_per_node {ranks}: each micro-batch is split across "
+                    "the ranks, so some would have no clip; raise the batch size (and lower "
+                    "grad_accum to keep the effective batch) or use fewer processes"
+                )
         return self
 
 
@@ -204,8 +209,10 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _images_fit_model(self) -> "RunConfig":
         if self.data.max_product_images > self.model.max_product_images:
-            raise ValueError(f"data.max_product_images ({self.data.max_product_images}) exceeds "
-                             f"model.max_product_images ({self.model.max_product_images})")
+            raise ValueError(
+                f"data.max_product_images ({self.data.max_product_images}) exceeds "
+                f"model.max_product_images ({self.model.max_product_images})"
+            )
         return self
 
     def fingerprint(self) -> str:

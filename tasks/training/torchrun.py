@@ -12,6 +12,7 @@ first with what exit code; the task raises a TorchrunError saying so. Each rank 
 is tasks/training/train.py's run_training (the one training loop; it joins the process group from
 torchrun's environment), and rank 0 writes the result file the task returns.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,18 @@ class TorchrunError(RuntimeError):
 
 
 def torchrun_command(module: str, args: list[str], nproc_per_node: int, log_dir: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-            "--tee=3", f"--log-dir={log_dir}", "-m", module, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc_per_node}",
+        "--tee=3",
+        f"--log-dir={log_dir}",
+        "-m",
+        module,
+        *args,
+    ]
 
 
 def rank_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -63,9 +74,11 @@ def failure_message(exit_code: int, output: str) -> str:
     rank, code = (RANK_FIELD.search(cause["block"]), EXIT_FIELD.search(cause["block"])) if cause else (None, None)
     if rank is None or code is None:
         return f"torchrun exited with code {exit_code}; its last output:\n{output[-4000:]}"
-    return (f"rank {rank['rank']} (local rank {rank['local_rank']}) failed with exit code {code['code']}"
-            f"{code['detail'].rstrip()}; torchrun stopped the other ranks. torchrun's report:\n"
-            f"{cause['block'].strip()}")
+    return (
+        f"rank {rank['rank']} (local rank {rank['local_rank']}) failed with exit code {code['code']}"
+        f"{code['detail'].rstrip()}; torchrun stopped the other ranks. torchrun's report:\n"
+        f"{cause['block'].strip()}"
+    )
 
 
 @task(name="torchrun")
@@ -77,8 +90,14 @@ def run_torchrun(module: str, args: list[str], nproc_per_node: int) -> None:
     with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as log_dir:
         command = torchrun_command(module, args, nproc_per_node, log_dir)
         logger.info("starting %d rank(s): %s", nproc_per_node, " ".join(command))
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                              env=rank_environment(dict(os.environ))) as process:
+        with subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=rank_environment(dict(os.environ)),
+        ) as process:
             try:
                 for line in process.stdout:
                     logger.info(line.rstrip("\n"))
@@ -106,7 +125,8 @@ def train_with_torchrun(cfg: RunConfig, resume: bool = True, init_from: str | No
 def main(argv: list[str] | None = None) -> None:
     """One rank of train_with_torchrun."""
     parser = argparse.ArgumentParser(
-        description="One torchrun rank of the train flow (see tasks/training/torchrun.py).")
+        description="One torchrun rank of the train flow (see tasks/training/torchrun.py)."
+    )
     parser.add_argument("--config", required=True, help="resolved run config YAML")
     parser.add_argument("--result", required=True, help="rank 0 writes the training result here")
     parser.add_argument("--no-resume", dest="resume", action="store_false")
