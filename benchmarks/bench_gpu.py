@@ -45,11 +45,10 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from models import speed, tiny
-from models.config import ObjectiveConfig, SamplerConfig
+from models.config import ModelConfig, ObjectiveConfig, SamplerConfig
 from models.objective import flow_matching_loss
 from models.pipeline import ProductVideoPipeline, decode_latents, encode_video, make_scheduler
 from models.product_encoder import ProductEncoder
-from models.config import ModelConfig
 from models.spec import set_trainable, specification
 from models.transformer import ProductVideoGenerator, ProductWanTransformer, pack_mask
 

@@ -14,8 +14,8 @@ import json
 import torch
 
 import benchmarks.bench_gpu as bench
-from models import speed
 from benchmarks.bench_gpu import CLIP_SPEC
+from models import speed
 from models.config import ObjectiveConfig
 from models.objective import flow_matching_loss
 from models.spec import set_trainable

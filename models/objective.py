@@ -62,7 +62,7 @@ class NoiseDraw:
     keep_text: torch.Tensor  # (B,) in {0., 1.}
     keep_product: torch.Tensor
 
-    def rows(self, part: slice) -> "NoiseDraw":
+    def rows(self, part: slice) -> NoiseDraw:
         return NoiseDraw(*(getattr(self, field.name)[part] for field in fields(self)))
 
 

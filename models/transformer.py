@@ -322,7 +322,7 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
         product_attention_heads: int | None = None,
         torch_dtype: torch.dtype | None = None,
         **reference,
-    ) -> "ProductWanTransformer":
+    ) -> ProductWanTransformer:
         """Load Wan from a diffusers repo/folder (subfolder transformer/) and add fresh product
         layers; `reference` holds the reference* arguments of __init__."""
         wan = WanTransformer3DModel.from_pretrained(base_model, subfolder="transformer", torch_dtype=torch_dtype)
@@ -511,7 +511,7 @@ class ProductVideoGenerator(nn.Module):
         self.product_encoder = product_encoder
 
     @classmethod
-    def from_model_config(cls, cfg, torch_dtype: torch.dtype | None = None) -> "ProductVideoGenerator":
+    def from_model_config(cls, cfg, torch_dtype: torch.dtype | None = None) -> ProductVideoGenerator:
         """Base Wan weights + fresh product layers (the product encoder sized from the configured
         image encoder)."""
         transformer = ProductWanTransformer.from_base(
@@ -550,7 +550,7 @@ class ProductVideoGenerator(nn.Module):
             self.product_encoder.save_pretrained(folder / "product_encoder")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "ProductVideoGenerator":
+    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> ProductVideoGenerator:
         transformer = ProductWanTransformer.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype)
         product_encoder = (
             ProductEncoder.from_pretrained(folder, subfolder="product_encoder", torch_dtype=torch_dtype)

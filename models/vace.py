@@ -328,7 +328,7 @@ class VaceSpecification(ModelSpecification):
 
     # -- generation ---------------------------------------------------------------------------
 
-    def pipeline(self, generator: nn.Module, torch_dtype: torch.dtype | None = None) -> "VaceProductPipeline":
+    def pipeline(self, generator: nn.Module, torch_dtype: torch.dtype | None = None) -> VaceProductPipeline:
         return VaceProductPipeline.from_generator(generator, self.cfg, torch_dtype)
 
     def speed_up_training(
@@ -388,7 +388,7 @@ class VaceProductPipeline(WanVACEPipeline):
     @classmethod
     def from_generator(
         cls, generator: VaceGenerator, cfg: ModelConfig, torch_dtype: torch.dtype | None = None
-    ) -> "VaceProductPipeline":
+    ) -> VaceProductPipeline:
         """The generator's transformer with cfg's UMT5, tokenizer, scheduler and VAE (float32)."""
         base = cfg.base_model
         return cls(

@@ -80,7 +80,7 @@ class DatasetRoot:
     root: Path
 
     @classmethod
-    def create(cls, path: str | os.PathLike) -> "DatasetRoot":
+    def create(cls, path: str | os.PathLike) -> DatasetRoot:
         """Make the root and check that it is writable; a systemic error says what to do."""
         root = Path(path).expanduser().resolve()
         try:

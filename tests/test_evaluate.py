@@ -3,7 +3,6 @@ registration with promotion, and its bad inputs (an empty split, a registry with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow

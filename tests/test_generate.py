@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.generate import GenerateInputError, load_inputs, main as generate_cli, nearest_valid_frames
+from flows.generate import GenerateInputError, load_inputs, nearest_valid_frames
+from flows.generate import main as generate_cli
 from storage.images import load_mask_png, save_png
 from storage.video import read_video, write_video
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.segmenters import GroundedSam2Segmenter, load_segmenter
-from models.segmenters import grounded_sam2
+from models.segmenters import GroundedSam2Segmenter, grounded_sam2, load_segmenter
 from models.segmenters.grounded_sam2 import detector_prompt, distinct_boxes
 from models.tiny import TINY_SAM2, TINY_SAM2_OVERRIDES  # small enough for CPU tests
 from storage.errors import SystemicError

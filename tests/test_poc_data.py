@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.poc.brackets import measure_brackets
 from demo.studio import colourway_shape
+from experiments.poc.brackets import measure_brackets
 from experiments.poc.render import CUTOUT_SIZE, HEIGHT, PHOTO_VIEWS, WIDTH, poc_studio, render_poc_dataset
 from storage.hashing import sha256_file
 from storage.images import load_mask_png

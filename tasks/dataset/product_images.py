@@ -52,7 +52,7 @@ class ImageConfig(BaseModel):
     max_pixels: int = Field(MAX_PIXELS, gt=0)  # decompression-bomb guard
 
     @model_validator(mode="after")
-    def _ranges(self) -> "ImageConfig":
+    def _ranges(self) -> ImageConfig:
         if self.min_images > self.max_images:
             raise ValueError(f"min_images ({self.min_images}) > max_images ({self.max_images})")
         if self.min_foreground_fraction >= self.max_foreground_fraction:

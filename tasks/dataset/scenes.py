@@ -69,7 +69,7 @@ class SceneConfig(BaseModel):
     preset: str = "veryfast"
 
     @model_validator(mode="after")
-    def _windows_fit(self) -> "SceneConfig":
+    def _windows_fit(self) -> SceneConfig:
         if self.min_frames > self.max_frames:
             raise ValueError(f"min_clip_s={self.min_clip_s} must not exceed max_clip_s={self.max_clip_s}")
         return self

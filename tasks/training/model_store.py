@@ -19,7 +19,7 @@ every machine builds the same weights).
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -105,7 +105,7 @@ def save_model_folder(
         "base_model": run_config.model.base_model,
         "adapter_only": adapter_only,
         "config_fingerprint": run_config.fingerprint(),
-        "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **(info or {}),
     }
     parent = DatasetRoot.create(folder.parent)

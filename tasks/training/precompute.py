@@ -55,9 +55,9 @@ from storage.images import load_mask_png, load_photo_rgba
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError, reject_row
 from storage.video import fit_crop, read_video
+from tasks.dataset.stage import StageResult, cache_storage, stage_task
 from tasks.training.model_store import resolve_model_config
 from tasks.training.run_config import RunConfig, prompt_of
-from tasks.dataset.stage import StageResult, cache_storage, stage_task
 
 STAGE = "precompute"
 STAGE_VERSION = "2"
@@ -89,7 +89,7 @@ class LatentSpec(BaseModel):
     data_dir: str  # where `base_model: tiny` components live
 
     @classmethod
-    def from_run_config(cls, cfg: RunConfig) -> "LatentSpec":
+    def from_run_config(cls, cfg: RunConfig) -> LatentSpec:
         model, data = cfg.model, cfg.data
         return cls(
             backend=model.backend,

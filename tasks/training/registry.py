@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -94,7 +94,7 @@ def promote_if_better(name: str, version: str | int, primary_metric: str, higher
         "champion_value": champion_value,
         "promoted": promoted,
         "reason": reason,
-        "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     client.set_model_version_tag(name, version, "promotion.promoted", str(promoted).lower())
     client.set_model_version_tag(name, version, "promotion.reason", reason)

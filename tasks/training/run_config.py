@@ -159,7 +159,7 @@ class TrainConfig(_Section):
         return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
-    def _every_rank_gets_clips(self) -> "TrainConfig":
+    def _every_rank_gets_clips(self) -> TrainConfig:
         ranks = self.distributed.nproc_per_node
         for name, stage in (("stage1", self.stage1), ("stage2", self.stage2)):
             if stage is not None and stage.batch_size < ranks:
@@ -207,7 +207,7 @@ class RunConfig(_Section):
     mlflow: MlflowConfig = MlflowConfig()
 
     @model_validator(mode="after")
-    def _images_fit_model(self) -> "RunConfig":
+    def _images_fit_model(self) -> RunConfig:
         if self.data.max_product_images > self.model.max_product_images:
             raise ValueError(
                 f"data.max_product_images ({self.data.max_product_images}) exceeds "

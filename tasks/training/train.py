@@ -106,7 +106,7 @@ class TrainData:
     spec: ModelSpecification
 
     @classmethod
-    def load(cls, cfg: RunConfig, split: str = TRAIN_SPLIT) -> "TrainData":
+    def load(cls, cfg: RunConfig, split: str = TRAIN_SPLIT) -> TrainData:
         """Rows of `split` for this config's latents signature; every file checked (header and
         shapes), so missing or corrupt latents fail here, naming the file, not mid-run."""
         root = DatasetRoot(Path(cfg.data.root).expanduser().resolve())
@@ -145,7 +145,7 @@ class TrainData:
         batch = self.spec.collate([load_latents(self.root, self.rows[i]) for i in indices], images)
         return {name: value.to(device) for name, value in batch.items()}
 
-    def share(self, indices: list[int], world: World, device: torch.device) -> "RankShare":
+    def share(self, indices: list[int], world: World, device: torch.device) -> RankShare:
         """This rank's part of the global micro-batch `indices`, padded to the photo count of the
         whole micro-batch (so every rank's tensors are the rows one process would stack)."""
         rows, weight = world.rows(len(indices)), 1.0
@@ -426,7 +426,7 @@ class ValidationBatch:
     fps: float
 
     @classmethod
-    def load(cls, cfg: RunConfig, data: TrainData) -> "ValidationBatch":
+    def load(cls, cfg: RunConfig, data: TrainData) -> ValidationBatch:
         root = data.root
         latents = [
             r
