@@ -354,42 +354,46 @@ def train_case(
         model_tflops=b.model_tflops(seconds, 3, batch_size),
         peak_GiB=b.gib(),
     )
-    del model, optimizer, parameters
-    return first
+    return first  # the model and its optimizer go with this frame
+
+
+def plain_train_case(b: Bench, batch_size: int) -> None:
+    """The baseline: time one step of plain diffusers, all weights trainable, diffusers' gradient
+    checkpointing. Its model and optimizer are freed when it returns, before the next case."""
+    b.fresh_memory()
+    plain = b.plain_dit().train()
+    plain.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, fused=b.cuda)
+    x, text = b.latents(batch_size, 36), b.text(batch_size)
+    ts, target = torch.full((batch_size,), 500.0, device=b.device), b.latents(batch_size, seed=7)
+
+    def step():
+        with torch.autocast(b.device, dtype=torch.bfloat16, enabled=b.cuda):
+            out = plain(x, ts, text, return_dict=False)[0]
+        F.mse_loss(out.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = b.timed(step, warm=2, reps=3 if b.tiny else 5)
+    b.log(
+        "train_step",
+        model="plain diffusers",
+        path="baseline",
+        batch=batch_size,
+        checkpointing="full",
+        attention="default",
+        compile=False,
+        s=round(seconds, 3),
+        samples_per_s=round(batch_size / seconds, 3),
+        model_tflops=b.model_tflops(seconds, 3, batch_size),
+        peak_GiB=b.gib(),
+    )
 
 
 def bench_train(b: Bench):
     for batch_size in (1, 2):
-        try:  # the baseline: plain diffusers, all weights trainable, diffusers' gradient checkpointing
-            b.fresh_memory()
-            plain = b.plain_dit().train()
-            plain.enable_gradient_checkpointing()
-            optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, fused=b.cuda)
-            x, text = b.latents(batch_size, 36), b.text(batch_size)
-            ts, target = torch.full((batch_size,), 500.0, device=b.device), b.latents(batch_size, seed=7)
-
-            def step():
-                with torch.autocast(b.device, dtype=torch.bfloat16, enabled=b.cuda):
-                    out = plain(x, ts, text, return_dict=False)[0]
-                F.mse_loss(out.float(), target).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            seconds = b.timed(step, warm=2, reps=3 if b.tiny else 5)
-            b.log(
-                "train_step",
-                model="plain diffusers",
-                path="baseline",
-                batch=batch_size,
-                checkpointing="full",
-                attention="default",
-                compile=False,
-                s=round(seconds, 3),
-                samples_per_s=round(batch_size / seconds, 3),
-                model_tflops=b.model_tflops(seconds, 3, batch_size),
-                peak_GiB=b.gib(),
-            )
-            del plain, optimizer
+        try:
+            plain_train_case(b, batch_size)
         except Exception as error:  # one case failing must not lose the others
             traceback.print_exc()
             b.log("train_step", model="plain diffusers", batch=batch_size, error=str(error)[:300])
@@ -436,7 +440,6 @@ def bench_data(b: Bench):
         latents_file_MiB=round(size / 2**20, 2),
         vae_peak_GiB=b.gib(),
     )
-    del vae
 
 
 def bench_generation(b: Bench, thresholds: list[float]):
@@ -468,7 +471,7 @@ def bench_generation(b: Bench, thresholds: list[float]):
         plain_generate(2)  # warm-up
         _, plain_seconds = b.once(lambda: plain_generate(b.steps))
     pipe.vae.to(torch.float32)
-    del plain
+    plain = None  # frees the plain DiT before ours runs (None, not del: plain_generate reads the name)
     b.log(
         "generation",
         model="plain diffusers",
@@ -523,7 +526,6 @@ def bench_generation(b: Bench, thresholds: list[float]):
         default = " (default)" if threshold == SamplerConfig().step_cache_threshold else ""
         measure(f"+ step cache {threshold}{default}", "cudnn", exact, cached=True)
         pipe.transformer.wan.disable_cache()
-    del pipe
 
 
 def main():

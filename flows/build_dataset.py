@@ -152,7 +152,12 @@ def _merge(results: dict[str, list[dict]], stage: str, result: StageResult) -> l
 
 
 @flow(name="build-dataset", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count()), log_prints=True)
-def build_dataset(source: str, output: str, config: str | BuildConfig | None = None, overrides: list[str] = []) -> dict:
+def build_dataset(
+    source: str,
+    output: str,
+    config: str | BuildConfig | None = None,
+    overrides: list[str] = [],  # noqa: B006 - a flow parameter (deployments show this default), never mutated
+) -> dict:
     """Build (or update) the dataset at `output` from the product pages under `source`.
 
     config: a build YAML (configs/dataset/*.yaml) or a validated BuildConfig; None = the one
@@ -331,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     runner = run_with_dask(args.dask_workers) if args.dask_workers else build_dataset
     summary = runner(source=args.source, output=str(root.root), config=cfg)
     print(
-        f"dataset: {root.root}  config: {cfg.name} (recorded in build.yaml)  clips per split: {summary['clips_per_split']}"
+        f"dataset: {root.root}  config: {cfg.name} (recorded in build.yaml)  "
+        f"clips per split: {summary['clips_per_split']}"
     )
     return summary
 

@@ -172,7 +172,7 @@ def evaluate(
     register: bool = True,
     train_clips: int = 4,
     device: str = "auto",
-    overrides: list[str] = [],
+    overrides: list[str] = [],  # noqa: B006 - a flow parameter (deployments show this default), never mutated
     baseline: str | None = None,
 ) -> dict:
     """Evaluate `model` on `split` (+ a few train clips), report, register, promote if better.

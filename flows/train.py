@@ -29,7 +29,10 @@ from tasks.training.train import run_training
 
 
 @flow(name="precompute", log_prints=True)
-def precompute(config: str = "configs/tiny.yaml", overrides: list[str] = []) -> dict:
+def precompute(
+    config: str = "configs/tiny.yaml",
+    overrides: list[str] = [],  # noqa: B006 - a flow parameter (deployments show this default), never mutated
+) -> dict:
     """Only the precompute step of `train` (cached per clip): {signature, ran, cached, rows, rejects}."""
     return precompute_latents(load_run_config(config, overrides))
 
@@ -37,7 +40,7 @@ def precompute(config: str = "configs/tiny.yaml", overrides: list[str] = []) -> 
 @flow(name="train", log_prints=True)
 def train(
     config: str | RunConfig = "configs/tiny.yaml",
-    overrides: list[str] = [],
+    overrides: list[str] = [],  # noqa: B006 - a flow parameter (deployments show this default), never mutated
     resume: bool = True,
     init_from: str | None = None,
 ) -> dict:

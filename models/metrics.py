@@ -358,7 +358,7 @@ def _load_network(kind: str, source: str, local_files_only: bool, device: str, a
     try:
         model, info = model_class.from_pretrained(source, local_files_only=local_files_only, output_loading_info=True)
         processor = processor_class.from_pretrained(source, local_files_only=local_files_only)
-    except Exception as error:
+    except Exception as error:  # any loading failure makes the metric unavailable
         raise NetworkUnavailable(
             f"{kind} network {source!r} did not load: {type(error).__name__}: {str(error)[:300]}"
         ) from error
@@ -486,7 +486,7 @@ def _lpips_model(net: str, device: str):
         raise NetworkUnavailable(f"lpips needs the lpips package and torchvision ({error})") from error
     try:
         return lpips_package.LPIPS(net=net, spatial=True, verbose=False).to(device).eval()
-    except Exception as error:
+    except Exception as error:  # e.g. backbone weights not downloadable offline
         raise NetworkUnavailable(
             f"lpips {net} weights did not load: {type(error).__name__}: {str(error)[:300]}"
         ) from error

@@ -3,17 +3,18 @@
 The photos reach the DiT as reference latents (each one VAE-encoded on a grey canvas of the
 clip's size), as CLIP tokens through the product encoder, or both (model.reference). The masked
 region of the video the model sees is filled with grey (0 in [-1, 1], as Wan I2V and VACE) or
-black (model.masked_fill). Flow-matching sampler (UniPC or Euler with flow_shift, as Wan2.1 ships) with guidance over two
-conditions, VAE decode, then compositing in pixel space so pixels outside the mask are exactly
-the input's.
+black (model.masked_fill). Flow-matching sampler (UniPC or Euler with flow_shift, as Wan2.1
+ships) with guidance over two conditions, VAE decode, then compositing in pixel space so pixels
+outside the mask are exactly the input's.
 
 Guidance (three branches, batched in one forward):
     v = v(null text, no product)
         + g_text    * (v(text, no product) - v(null text, no product))
         + g_product * (v(text, product)    - v(text, no product))
 g_text = g_product = 1 gives the fully conditioned prediction. "No product" is K zero product
-tokens and no reference tokens (exactly the base model plus masked-video channels); the null text is the negative prompt's
-embeddings, or zero embeddings (the training dropout's null) when no negative prompt is given.
+tokens and no reference tokens (exactly the base model plus masked-video channels); the null text
+is the negative prompt's embeddings, or zero embeddings (the training dropout's null) when no
+negative prompt is given.
 """
 
 from __future__ import annotations

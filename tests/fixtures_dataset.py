@@ -1,10 +1,10 @@
 """Fixtures that provide a built tiny dataset and a project data directory (for the precompute,
 train, evaluate, retrain and generate tests).
 
-Import what you need into a test module: `from tests.fixtures_dataset import tiny_dataset, ...`.
-The dataset is built once per test session into a fixed folder under pytest's base temp dir and
-reused by every module that imports the fixture (build-dataset itself is cached, so a second
-call only checks).
+tests/conftest.py registers the fixtures for every test: request them by name and do not import
+them into a test module (an importing module would get instances of its own). The dataset is
+built once per test session into a fixed folder under pytest's base temp dir and reused by every
+test that requests it.
 """
 
 from __future__ import annotations

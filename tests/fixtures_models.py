@@ -18,7 +18,7 @@ from flows.evaluate import LOSS_METRIC
 from models.transformer import ProductVideoGenerator
 from storage import tracking
 from tasks.training.model_store import resolve_model_config, save_model_folder
-from tests.fixtures_dataset import TINY_BUILD_CONFIG, tiny_data_dir, tiny_run_config  # noqa: F401 (fixtures)
+from tests.fixtures_dataset import TINY_BUILD_CONFIG, tiny_run_config
 
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 

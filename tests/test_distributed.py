@@ -123,7 +123,7 @@ def assert_same_weights(folder, reference_folder):
     gate = "transformer.wan.blocks.0.attn1.processor.gate"
     assert expected_weights[gate].abs().sum() > 0  # the reference trained (the gates start at 0)
     for name, weight in found.state_dict().items():
-        torch.testing.assert_close(weight, expected_weights[name], **TOLERANCE, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(weight, expected_weights[name], **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_batch_rows_are_contiguous_near_equal_and_cover_the_batch():

@@ -210,6 +210,11 @@ def _flat(photo: np.ndarray, height: int) -> np.ndarray:
     return cv2.resize(rgb, (max(1, round(rgb.shape[1] * height / rgb.shape[0])), height), interpolation=cv2.INTER_AREA)
 
 
+def _frame(video: np.ndarray, index: int) -> np.ndarray:
+    """Frame `index` of a float video in [0, 1] as uint8."""
+    return np.round(video[index] * 255).astype(np.uint8)
+
+
 def contact_sheet(clips: list[ClipInputs], swap: list[int], outputs: dict[str, list[np.ndarray]]) -> np.ndarray:
     """Per test product (first SHEET_PRODUCTS): its photos (2 x 2), the swapped product's first
     photo, the masked middle frame, A, B, A_swap, A_none, the truth."""
@@ -220,17 +225,16 @@ def contact_sheet(clips: list[ClipInputs], swap: list[int], outputs: dict[str, l
         seen.add(clip.row["product_id"])
         height = clip.video.shape[1]
         middle = len(clip.video) // 2
-        frame = lambda video: np.round(video[middle] * 255).astype(np.uint8)  # noqa: E731
         photos = [_flat(p, height // 2) for p in clip.photos[:4]]
         photos += [np.full_like(photos[0], 255)] * (4 - len(photos))
         grid = np.concatenate([np.concatenate(photos[:2], axis=1), np.concatenate(photos[2:4], axis=1)], axis=0)
-        masked = np.where(clip.masks[middle][..., None], 128, frame(clip.video)).astype(np.uint8)
+        masked = np.where(clip.masks[middle][..., None], 128, _frame(clip.video, middle)).astype(np.uint8)
         tiles = [
             grid,
             _flat(clips[swap[i]].photos[0], height),
             masked,
-            *(frame(outputs[label][i]) for label in ("A", "B", "A_swap", "A_none")),
-            frame(clip.video),
+            *(_frame(outputs[label][i], middle) for label in ("A", "B", "A_swap", "A_none")),
+            _frame(clip.video, middle),
         ]
         gap = np.full((height, 4, 3), 255, np.uint8)
         lines.append(np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1))

@@ -47,7 +47,7 @@ def assign_splits(categories: dict[str, str], previous: dict[str, str], cfg: Spl
         n = sum(counts.values()) + 1
         return [shares[i] * n - counts[s] for i, s in enumerate(SPLITS)]
 
-    for cat, pids in sorted(by_category.items()):
+    for _category, pids in sorted(by_category.items()):
         in_category = dict.fromkeys(SPLITS, 0)
         for pid in pids:
             if pid in result:

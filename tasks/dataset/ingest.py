@@ -151,7 +151,8 @@ def ingest_source(source: str, min_images: int, hash_workers: int = 4) -> Ingest
                         STAGE,
                         uri(posixpath.join(product_dir, sub, n)),
                         "unsupported_extension",
-                        f"{sub}/{n}: extension not one of {sorted(VIDEO_EXTENSIONS if sub == 'videos' else IMAGE_EXTENSIONS)}",
+                        f"{sub}/{n}: extension not one of "
+                        f"{sorted(VIDEO_EXTENSIONS if sub == 'videos' else IMAGE_EXTENSIONS)}",
                         pid,
                     )
                 )
