@@ -3,13 +3,14 @@
 #               evaluate, register and generate on CPU (tiny config), print where to look
 #   make test-all   the whole test suite (what CI runs: .ci/run)
 #   make test       the fast part (no end-to-end flow runs, no servers): minutes, for the edit loop
+#   make lint       ruff: lint rules and formatting (pyproject.toml), checked, nothing changed
 PY := .venv/bin/python
 DATA ?= data/demo
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/data/prefect
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo test test-all lint
 
 setup: .venv/.installed
 
@@ -30,3 +31,6 @@ test-all: setup
 
 test: setup
 	$(PY) -m pytest -q -m "not slow and not server"
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .

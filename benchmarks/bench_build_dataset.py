@@ -34,7 +34,9 @@ from flows.build_dataset import build_dataset
 from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.video import EncodeSettings, VideoWriter, fit_crop, iter_frames, read_video, resample_cfr
-from tasks.scenes import SceneConfig, find_shots
+from tasks.dataset.scenes import SceneConfig, find_shots
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dataset" / "demo.yaml"  # weights-free backends
 
 
 def cut_f1(source: Path, truth: dict, cfg: SceneConfig) -> tuple[float, int, int, int]:
@@ -65,7 +67,12 @@ def mask_iou(root: DatasetRoot, truth_dir: Path, cuts: dict, scenes: SceneConfig
         stem = Path(video_rel).stem
         for i in range(row["num_frames"]):
             src_index = first + int(round(i * src_fps / scenes.fps))
-            true = np.asarray(load_mask_png(truth_dir / "masks" / clip["product_id"] / stem / f"{src_index:05d}.png"), np.uint8) * 255
+            true = (
+                np.asarray(
+                    load_mask_png(truth_dir / "masks" / clip["product_id"] / stem / f"{src_index:05d}.png"), np.uint8
+                )
+                * 255
+            )
             true = fit_crop(np.repeat(true[..., None], 3, axis=2), scenes.height, scenes.width)[..., 0] > 127
             pred = load_mask_png(root.path(row["mask_dir"]) / f"{i:05d}.png")
             union = np.logical_or(true, pred).sum()
@@ -73,8 +80,9 @@ def mask_iou(root: DatasetRoot, truth_dir: Path, cuts: dict, scenes: SceneConfig
     return float(np.mean(ious)), len(ious)
 
 
-def ffmpeg_alone(sources: list[Path], videos: list[Path], mask_dirs: list[Path], settings: EncodeSettings,
-                 workers: int) -> tuple[float, float, float]:
+def ffmpeg_alone(
+    sources: list[Path], videos: list[Path], mask_dirs: list[Path], settings: EncodeSettings, workers: int
+) -> tuple[float, float, float]:
     """(decode s, video encode s, PNG encode s): decode every input; encode every output video and
     every mask PNG (FFmpeg's PNG encoder, at the pipeline's zlib level 1) from raw frames."""
 
@@ -144,7 +152,7 @@ def main() -> None:
     cuts = json.loads((truth / "cuts.json").read_text())
     scenes = SceneConfig()
 
-    params = dict(source=str(source), output=str(out), segmenter="classic", background_removal="classic")
+    params = dict(source=str(source), output=str(out), config=str(DEMO_CONFIG))
     t0 = time.perf_counter()
     state = build_dataset(**params, return_state=True)
     t_first = time.perf_counter() - t0
@@ -159,8 +167,9 @@ def main() -> None:
     sources = [source / rel for rel in cuts]
     outputs = sorted((out / "video_clips").glob("*.mp4")) + sorted((out / "masked_videos").glob("*.mp4"))
     mask_dirs = sorted(p for p in (out / "masks").iterdir() if p.is_dir())
-    t_dec, t_enc, t_png = ffmpeg_alone(sources, outputs, mask_dirs, EncodeSettings(crf=scenes.crf, preset=scenes.preset),
-                                       os.cpu_count() or 1)
+    t_dec, t_enc, t_png = ffmpeg_alone(
+        sources, outputs, mask_dirs, EncodeSettings(crf=scenes.crf, preset=scenes.preset), os.cpu_count() or 1
+    )
     t_ffmpeg = t_dec + t_enc + t_png
     video_s = sum(c["num_frames"] / c["fps"] for c in cuts.values())
 
@@ -171,8 +180,10 @@ def main() -> None:
         ("classic segmentation mean IoU", f"{iou:.3f}"),
         ("first run wall s", f"{t_first:.1f}"),
         ("throughput, source video s per wall s", f"{video_s / t_first:.2f}"),
-        ("FFmpeg alone: decode inputs + encode videos + encode mask PNGs s",
-         f"{t_dec:.1f} + {t_enc:.1f} + {t_png:.1f} = {t_ffmpeg:.1f}"),
+        (
+            "FFmpeg alone: decode inputs + encode videos + encode mask PNGs s",
+            f"{t_dec:.1f} + {t_enc:.1f} + {t_png:.1f} = {t_ffmpeg:.1f}",
+        ),
         ("pipeline / FFmpeg alone", f"{t_first / t_ffmpeg:.2f}"),
         ("pipeline / FFmpeg alone without the PNGs", f"{t_first / (t_dec + t_enc):.2f}"),
         ("re-run with nothing changed s (share of first)", f"{t_rerun:.1f} ({100 * t_rerun / t_first:.1f}%)"),

@@ -26,6 +26,7 @@ GPU machine, from the repo root (diffusers and pydantic wheels installed):
 CPU smoke run of the same code on tiny components (tests run it):
     python -m benchmarks.bench_gpu --tiny
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,21 +45,46 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from models import speed, tiny
-from models.config import ObjectiveConfig, SamplerConfig
+from models.config import ModelConfig, ObjectiveConfig, SamplerConfig
 from models.objective import flow_matching_loss
 from models.pipeline import ProductVideoPipeline, decode_latents, encode_video, make_scheduler
 from models.product_encoder import ProductEncoder
-from models.config import ModelConfig
 from models.spec import set_trainable, specification
 from models.transformer import ProductVideoGenerator, ProductWanTransformer, pack_mask
 
-WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-               out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-               qk_norm="rms_norm_across_heads", eps=1e-6)
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
-CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                  image_size=224, patch_size=14, hidden_act="gelu")
+WAN_13B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    feed_forward_proj="gated-gelu",
+)
+CLIP_VIT_H = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    hidden_act="gelu",
+)
 POC_ADAPTER = dict(num_product_tokens=64, product_hidden_dim=1024, product_num_heads=16, product_attention_heads=4)
 TINY_ADAPTER = dict(num_product_tokens=8, product_hidden_dim=32, product_num_heads=4, product_attention_heads=1)
 # The benchmark's model is the CLIP product path (reference: clip), built from shapes; its
@@ -66,9 +92,12 @@ TINY_ADAPTER = dict(num_product_tokens=8, product_hidden_dim=32, product_num_hea
 CLIP_SPEC = specification(ModelConfig(base_model="unused", image_encoder="unused", reference="clip"))
 
 # (label, checkpointing, attention, compile): the training levers, one added per row.
-TRAIN_PATHS = [("ours plain", "full", "default", False), ("+ cudnn attention", "full", "cudnn", False),
-               ("+ selective checkpointing", "selective", "cudnn", False),
-               ("+ compile (default)", "selective", "cudnn", True)]
+TRAIN_PATHS = [
+    ("ours plain", "full", "default", False),
+    ("+ cudnn attention", "full", "cudnn", False),
+    ("+ selective checkpointing", "selective", "cudnn", False),
+    ("+ compile (default)", "selective", "cudnn", True),
+]
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -107,10 +136,15 @@ class Bench:
         for _ in range(reps):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(); fn(); end.record(); torch.cuda.synchronize()
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
             else:
-                start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]
 
     def once(self, fn):
@@ -156,12 +190,18 @@ class Bench:
         image_dim = 32 if self.tiny else CLIP_VIT_H["hidden_size"]
         torch.manual_seed(0)
         with torch.device(self.device):
-            transformer = ProductWanTransformer(wan_config=self.wan_config(),
-                                                num_product_tokens=adapter["num_product_tokens"],
-                                                product_attention_heads=adapter["product_attention_heads"])
-            encoder = ProductEncoder(image_dim=image_dim, hidden_dim=adapter["product_hidden_dim"],
-                                     num_tokens=adapter["num_product_tokens"], num_heads=adapter["product_num_heads"],
-                                     output_dim=transformer.inner_dim)
+            transformer = ProductWanTransformer(
+                wan_config=self.wan_config(),
+                num_product_tokens=adapter["num_product_tokens"],
+                product_attention_heads=adapter["product_attention_heads"],
+            )
+            encoder = ProductEncoder(
+                image_dim=image_dim,
+                hidden_dim=adapter["product_hidden_dim"],
+                num_tokens=adapter["num_product_tokens"],
+                num_heads=adapter["product_num_heads"],
+                output_dim=transformer.inner_dim,
+            )
         if open_gates:  # the trained state: every product path live
             with torch.no_grad():
                 for block in transformer.wan.blocks:
@@ -175,12 +215,17 @@ class Bench:
             vae = tiny.tiny_vae() if self.tiny else AutoencoderKLWan()  # float32, as the pipeline runs it
         size = image_encoder.config.image_size
         return ProductVideoPipeline(
-            vae=vae.eval(), text_encoder=text_encoder.to(torch.bfloat16).eval(), tokenizer=tiny.tiny_tokenizer(),
+            vae=vae.eval(),
+            text_encoder=text_encoder.to(torch.bfloat16).eval(),
+            tokenizer=tiny.tiny_tokenizer(),
             image_encoder=image_encoder.to(torch.bfloat16).eval(),
             image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
             product_encoder=generator.product_encoder.to(torch.bfloat16).eval(),
-            transformer=generator.transformer.to(torch.bfloat16).eval(), scheduler=make_scheduler("unipc", 3.0),
-            text_max_length=self.text_len, max_product_images=self.num_images)
+            transformer=generator.transformer.to(torch.bfloat16).eval(),
+            scheduler=make_scheduler("unipc", 3.0),
+            text_max_length=self.text_len,
+            max_product_images=self.num_images,
+        )
 
     # ---- inputs ----
     def latents(self, batch=1, channels=16, dtype=torch.float32, seed=1):
@@ -189,30 +234,40 @@ class Bench:
 
     def pixel_mask(self, batch=1):
         mask = torch.zeros(batch, 1, self.frames, self.height, self.width, device=self.device)
-        mask[..., self.height // 4:3 * self.height // 4, self.width // 4:3 * self.width // 4] = 1
+        mask[..., self.height // 4 : 3 * self.height // 4, self.width // 4 : 3 * self.width // 4] = 1
         return mask
 
     def text(self, batch=1, dtype=torch.float32):
         generator = torch.Generator(self.device).manual_seed(2)
-        return torch.randn(batch, self.text_len, self.wan_config()["text_dim"], device=self.device, dtype=dtype,
-                           generator=generator)
+        return torch.randn(
+            batch, self.text_len, self.wan_config()["text_dim"], device=self.device, dtype=dtype, generator=generator
+        )
 
     def training_batch(self, batch=1):
         tokens_per_image, dim = (17, 32) if self.tiny else (257, CLIP_VIT_H["hidden_size"])
         generator = torch.Generator(self.device).manual_seed(3)
         tokens = torch.randn(batch, self.num_images, tokens_per_image, dim, device=self.device, generator=generator)
-        return {"latents": self.latents(batch), "masked_latents": self.latents(batch, seed=4),
-                "packed_mask": pack_mask(self.pixel_mask(batch), self.latent[1:]), "text_embeds": self.text(batch),
-                "image_tokens": tokens, "photo_mask": torch.ones(batch, self.num_images, dtype=torch.bool,
-                                                                  device=self.device)}
+        return {
+            "latents": self.latents(batch),
+            "masked_latents": self.latents(batch, seed=4),
+            "packed_mask": pack_mask(self.pixel_mask(batch), self.latent[1:]),
+            "text_embeds": self.text(batch),
+            "image_tokens": tokens,
+            "photo_mask": torch.ones(batch, self.num_images, dtype=torch.bool, device=self.device),
+        }
 
     def clip_inputs(self):
         """A masked clip and 5 product photos, as generation takes them."""
         generator = torch.Generator(self.device).manual_seed(5)
         mask = self.pixel_mask()
         video = torch.rand(1, 3, self.frames, self.height, self.width, device=self.device, generator=generator)
-        photos = [(torch.rand(64, 64, 3, generator=generator.manual_seed(6 + i), device=self.device) * 255)
-                  .to(torch.uint8).cpu().numpy() for i in range(self.num_images)]
+        photos = [
+            (torch.rand(64, 64, 3, generator=generator.manual_seed(6 + i), device=self.device) * 255)
+            .to(torch.uint8)
+            .cpu()
+            .numpy()
+            for i in range(self.num_images)
+        ]
         return video * (1 - mask), mask, [photos]
 
 
@@ -228,13 +283,23 @@ def bench_check(b: Bench):
     with torch.no_grad():
         reference = plain(x, ts, text, return_dict=False)[0]
         same = ours(x, ts, text, product, return_dict=False)[0]
-    b.log("check", what="DiT forward, plain diffusers vs ours (gates closed), bf16",
-          relative_error=round(relative_error(same, reference), 5))
+    b.log(
+        "check",
+        what="DiT forward, plain diffusers vs ours (gates closed), bf16",
+        relative_error=round(relative_error(same, reference), 5),
+    )
     del plain, ours
 
 
-def train_case(b: Bench, label: str, batch_size: int, checkpointing: str, attention: str, compile_blocks: bool,
-               reference: dict | None) -> dict | None:
+def train_case(
+    b: Bench,
+    label: str,
+    batch_size: int,
+    checkpointing: str,
+    attention: str,
+    compile_blocks: bool,
+    reference: dict | None,
+) -> dict | None:
     """Time one stage-2 step of ours on a path; returns its first loss and gradients when
     `reference` is None (to check later paths against them)."""
     b.fresh_memory()
@@ -256,10 +321,14 @@ def train_case(b: Bench, label: str, batch_size: int, checkpointing: str, attent
     gradients = torch.cat([p.grad.flatten().cpu() for p in parameters])  # on the host: not in the peak
     first = {"loss": loss.detach().cpu(), "gradients": gradients}
     if reference is not None:
-        b.log("check", what=f"train step on the same batch, {label} vs ours plain, batch {batch_size}",
-              loss=round(float(loss), 6), reference_loss=round(float(reference["loss"]), 6),
-              loss_relative_error=round(relative_error(loss, reference["loss"]), 6),
-              gradient_relative_error=round(relative_error(gradients, reference["gradients"]), 5))
+        b.log(
+            "check",
+            what=f"train step on the same batch, {label} vs ours plain, batch {batch_size}",
+            loss=round(float(loss), 6),
+            reference_loss=round(float(reference["loss"]), 6),
+            loss_relative_error=round(relative_error(loss, reference["loss"]), 6),
+            gradient_relative_error=round(relative_error(gradients, reference["gradients"]), 5),
+        )
         first = None
     del gradients
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=b.cuda)
@@ -272,35 +341,59 @@ def train_case(b: Bench, label: str, batch_size: int, checkpointing: str, attent
         optimizer.zero_grad(set_to_none=True)
 
     seconds = b.timed(step, warm=2, reps=3 if b.tiny else 5)
-    b.log("train_step", model="ours", path=label, batch=batch_size, checkpointing=checkpointing, attention=attention,
-          compile=compile_blocks, s=round(seconds, 3), samples_per_s=round(batch_size / seconds, 3),
-          model_tflops=b.model_tflops(seconds, 3, batch_size), peak_GiB=b.gib())
-    del model, optimizer, parameters
-    return first
+    b.log(
+        "train_step",
+        model="ours",
+        path=label,
+        batch=batch_size,
+        checkpointing=checkpointing,
+        attention=attention,
+        compile=compile_blocks,
+        s=round(seconds, 3),
+        samples_per_s=round(batch_size / seconds, 3),
+        model_tflops=b.model_tflops(seconds, 3, batch_size),
+        peak_GiB=b.gib(),
+    )
+    return first  # the model and its optimizer go with this frame
+
+
+def plain_train_case(b: Bench, batch_size: int) -> None:
+    """The baseline: time one step of plain diffusers, all weights trainable, diffusers' gradient
+    checkpointing. Its model and optimizer are freed when it returns, before the next case."""
+    b.fresh_memory()
+    plain = b.plain_dit().train()
+    plain.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, fused=b.cuda)
+    x, text = b.latents(batch_size, 36), b.text(batch_size)
+    ts, target = torch.full((batch_size,), 500.0, device=b.device), b.latents(batch_size, seed=7)
+
+    def step():
+        with torch.autocast(b.device, dtype=torch.bfloat16, enabled=b.cuda):
+            out = plain(x, ts, text, return_dict=False)[0]
+        F.mse_loss(out.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = b.timed(step, warm=2, reps=3 if b.tiny else 5)
+    b.log(
+        "train_step",
+        model="plain diffusers",
+        path="baseline",
+        batch=batch_size,
+        checkpointing="full",
+        attention="default",
+        compile=False,
+        s=round(seconds, 3),
+        samples_per_s=round(batch_size / seconds, 3),
+        model_tflops=b.model_tflops(seconds, 3, batch_size),
+        peak_GiB=b.gib(),
+    )
 
 
 def bench_train(b: Bench):
     for batch_size in (1, 2):
-        try:  # the baseline: plain diffusers, all weights trainable, diffusers' gradient checkpointing
-            b.fresh_memory()
-            plain = b.plain_dit().train()
-            plain.enable_gradient_checkpointing()
-            optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, fused=b.cuda)
-            x, text = b.latents(batch_size, 36), b.text(batch_size)
-            ts, target = torch.full((batch_size,), 500.0, device=b.device), b.latents(batch_size, seed=7)
-
-            def step():
-                with torch.autocast(b.device, dtype=torch.bfloat16, enabled=b.cuda):
-                    out = plain(x, ts, text, return_dict=False)[0]
-                F.mse_loss(out.float(), target).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            seconds = b.timed(step, warm=2, reps=3 if b.tiny else 5)
-            b.log("train_step", model="plain diffusers", path="baseline", batch=batch_size, checkpointing="full",
-                  attention="default", compile=False, s=round(seconds, 3), samples_per_s=round(batch_size / seconds, 3),
-                  model_tflops=b.model_tflops(seconds, 3, batch_size), peak_GiB=b.gib())
-            del plain, optimizer
+        try:
+            plain_train_case(b, batch_size)
         except Exception as error:  # one case failing must not lose the others
             traceback.print_exc()
             b.log("train_step", model="plain diffusers", batch=batch_size, error=str(error)[:300])
@@ -326,8 +419,11 @@ def bench_data(b: Bench):
     with torch.no_grad():
         encode_seconds = b.timed(lambda: encode_video(vae, videos), warm=1, reps=3)
         latents = encode_video(vae, videos)
-    tensors = {"latents": latents[0].cpu(), "masked_latents": latents[1].cpu(),
-               "packed_mask": pack_mask(b.pixel_mask(), b.latent[1:])[0].cpu().contiguous()}
+    tensors = {
+        "latents": latents[0].cpu(),
+        "masked_latents": latents[1].cpu(),
+        "packed_mask": pack_mask(b.pixel_mask(), b.latent[1:])[0].cpu().contiguous(),
+    }
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "clip.safetensors"
         save_file(tensors, str(path))
@@ -337,9 +433,13 @@ def bench_data(b: Bench):
 
         read_seconds = b.timed(read, warm=1, reps=5)
         size = path.stat().st_size
-    b.log("data_per_sample", online_vae_encode_s=round(encode_seconds, 3), precomputed_read_s=round(read_seconds, 4),
-          latents_file_MiB=round(size / 2**20, 2), vae_peak_GiB=b.gib())
-    del vae
+    b.log(
+        "data_per_sample",
+        online_vae_encode_s=round(encode_seconds, 3),
+        precomputed_read_s=round(read_seconds, 4),
+        latents_file_MiB=round(size / 2**20, 2),
+        vae_peak_GiB=b.gib(),
+    )
 
 
 def bench_generation(b: Bench, thresholds: list[float]):
@@ -353,8 +453,9 @@ def bench_generation(b: Bench, thresholds: list[float]):
     plain = b.plain_dit().to(dtype).eval()
     vae_bf16 = pipe.vae.to(dtype)
     with torch.no_grad():
-        context = torch.cat([b.text(dtype=dtype), torch.zeros(1, b.text_len, b.wan_config()["text_dim"],
-                                                               device=b.device, dtype=dtype)])
+        context = torch.cat(
+            [b.text(dtype=dtype), torch.zeros(1, b.text_len, b.wan_config()["text_dim"], device=b.device, dtype=dtype)]
+        )
         condition = b.latents(channels=20, dtype=dtype)
 
         def plain_generate(steps):
@@ -370,14 +471,30 @@ def bench_generation(b: Bench, thresholds: list[float]):
         plain_generate(2)  # warm-up
         _, plain_seconds = b.once(lambda: plain_generate(b.steps))
     pipe.vae.to(torch.float32)
-    del plain
-    b.log("generation", model="plain diffusers", path="baseline", steps=b.steps, branches=2,
-          total_s=round(plain_seconds, 2), peak_GiB=b.gib())
+    plain = None  # frees the plain DiT before ours runs (None, not del: plain_generate reads the name)
+    b.log(
+        "generation",
+        model="plain diffusers",
+        path="baseline",
+        steps=b.steps,
+        branches=2,
+        total_s=round(plain_seconds, 2),
+        peak_GiB=b.gib(),
+    )
 
     def ours(steps, attention):
-        return pipe(masked_video, mask, photos, "a red bottle on a table", num_inference_steps=steps,
-                    text_guidance_scale=5.0, product_guidance_scale=3.0,
-                    generator=torch.Generator(b.device).manual_seed(0), output_type="pt", attention_backend=attention)
+        return pipe(
+            masked_video,
+            mask,
+            photos,
+            "a red bottle on a table",
+            num_inference_steps=steps,
+            text_guidance_scale=5.0,
+            product_guidance_scale=3.0,
+            generator=torch.Generator(b.device).manual_seed(0),
+            output_type="pt",
+            attention_backend=attention,
+        )
 
     def measure(label, attention, exact=None, cached=False):
         counter = speed.FullStepCounter(pipe.transformer) if cached else None
@@ -386,9 +503,16 @@ def bench_generation(b: Bench, thresholds: list[float]):
             counter.count = 0
         b.reset_peak()
         video, seconds = b.once(lambda: ours(b.steps, attention))
-        row = dict(model="ours", path=label, steps=b.steps, branches=3,
-                   full_steps=counter.count if counter else b.steps,
-                   total_s=round(seconds, 2), speedup_vs_plain=round(plain_seconds / seconds, 2), peak_GiB=b.gib())
+        row = dict(
+            model="ours",
+            path=label,
+            steps=b.steps,
+            branches=3,
+            full_steps=counter.count if counter else b.steps,
+            total_s=round(seconds, 2),
+            speedup_vs_plain=round(plain_seconds / seconds, 2),
+            peak_GiB=b.gib(),
+        )
         if exact is not None:
             row["video_relative_error_vs_exact"] = round(relative_error(video, exact), 5)
         b.log("generation", **row)
@@ -402,7 +526,6 @@ def bench_generation(b: Bench, thresholds: list[float]):
         default = " (default)" if threshold == SamplerConfig().step_cache_threshold else ""
         measure(f"+ step cache {threshold}{default}", "cudnn", exact, cached=True)
         pipe.transformer.wan.disable_cache()
-    del pipe
 
 
 def main():
@@ -417,15 +540,24 @@ def main():
     parser.add_argument("--only", nargs="*", default=sections, choices=sections)
     args = parser.parse_args()
     defaults = (5, 32, 48, 3) if args.tiny else (49, 480, 720, 50)
-    frames, height, width, steps = (given if given is not None else default for given, default in
-                                    zip((args.frames, args.height, args.width, args.steps), defaults))
+    frames, height, width, steps = (
+        given if given is not None else default
+        for given, default in zip((args.frames, args.height, args.width, args.steps), defaults)
+    )
     b = Bench(args.tiny, frames, height, width, steps)
-    versions = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if b.cuda else "cpu",
-                "cudnn": torch.backends.cudnn.version()}
+    versions = {
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if b.cuda else "cpu",
+        "cudnn": torch.backends.cudnn.version(),
+    }
     b.log("shape", frames=frames, height=height, width=width, latent=list(b.latent), tokens=b.tokens, **versions)
-    runs = {"check": lambda: bench_check(b), "train": lambda: bench_train(b), "data": lambda: bench_data(b),
-            "generation": lambda: bench_generation(b, args.cache_thresholds),
-            "segmentation": lambda: bench_segmentation_rows(b)}
+    runs = {
+        "check": lambda: bench_check(b),
+        "train": lambda: bench_train(b),
+        "data": lambda: bench_data(b),
+        "generation": lambda: bench_generation(b, args.cache_thresholds),
+        "segmentation": lambda: bench_segmentation_rows(b),
+    }
     for name in args.only:
         try:
             runs[name]()

@@ -16,7 +16,7 @@ three objects per clip, and the batched path's time per step. Prints one JSON li
 markdown table last, and writes $OUT/gpu_segmentation.json when OUT is set.
 
 GPU box, from the repo root, with sam2 and its dependencies (.whl/seg) and this project's own
-(pydantic, prefect: tasks.stage is imported) installed:
+(pydantic, prefect: tasks.dataset.stage is imported) installed:
     OUT=/tmp/out TQDM_DISABLE=1 python3 -m benchmarks.gpu_segmentation
 CPU smoke run of the same code on tiny models (seconds):
     TQDM_DISABLE=1 python -m benchmarks.gpu_segmentation --tiny
@@ -44,30 +44,61 @@ PROMPT = "a red ceramic mug"
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "ceramic", "mug"]
 # Random detector scores: low enough that every clip gets boxes (checked), so SAM2 always runs.
 BOX_THRESHOLD = 0.05
-SWIN_B = dict(image_size=384, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12,
-              out_indices=[2, 3, 4])
+SWIN_B = dict(
+    image_size=384, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12, out_indices=[2, 3, 4]
+)
 SAM2_LARGE = "configs/sam2.1/sam2.1_hiera_l.yaml"
 # The tests' tiny models: 64-px Swin, one-layer BERT; SAM2 at 128 px with 5 Hiera blocks.
-TINY_SWIN = dict(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                 window_size=4, out_indices=[2, 3, 4])
-TINY_BERT = dict(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=32, max_position_embeddings=64)
-TINY_DINO = dict(d_model=32, num_queries=20, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32,
-                 decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2, encoder_n_points=2,
-                 decoder_n_points=2, max_text_len=32)
+TINY_SWIN = dict(
+    image_size=64,
+    patch_size=4,
+    embed_dim=8,
+    depths=[1, 1, 1, 1],
+    num_heads=[1, 1, 1, 1],
+    window_size=4,
+    out_indices=[2, 3, 4],
+)
+TINY_BERT = dict(
+    vocab_size=len(VOCAB),
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=64,
+)
+TINY_DINO = dict(
+    d_model=32,
+    num_queries=20,
+    encoder_layers=1,
+    decoder_layers=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_n_points=2,
+    decoder_n_points=2,
+    max_text_len=32,
+)
 
 
 def save_grounding_dino(folder: Path, tiny: bool) -> str:
     """A random Grounding DINO (base, or the tests' tiny one) and its processor, saved to `folder`."""
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoProcessor, SwinConfig)
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
         GroundingDinoImageProcessorPil,
     )
 
     if tiny:
-        config = GroundingDinoConfig(backbone_config=SwinConfig(**TINY_SWIN), text_config=BertConfig(**TINY_BERT),
-                                     **TINY_DINO)
+        config = GroundingDinoConfig(
+            backbone_config=SwinConfig(**TINY_SWIN), text_config=BertConfig(**TINY_BERT), **TINY_DINO
+        )
         image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96})
     else:  # BertConfig's defaults are BERT-base; the image processor's, grounding-dino-base's 800 x 1333
         config = GroundingDinoConfig(backbone_config=SwinConfig(**SWIN_B), text_config=BertConfig())
@@ -104,9 +135,12 @@ def synthetic_clips(count: int, frames: int, height: int, width: int, seed: int)
 
 
 def load_segmenter(folder: Path, tiny: bool, device: str) -> GroundedSam2Segmenter:
-    settings = GroundedSam2Settings(grounding_dino=save_grounding_dino(folder / "grounding-dino", tiny),
-                                    **save_sam2(folder / "sam2.pt", tiny), box_threshold=BOX_THRESHOLD,
-                                    device=device)
+    settings = GroundedSam2Settings(
+        grounding_dino=save_grounding_dino(folder / "grounding-dino", tiny),
+        **save_sam2(folder / "sam2.pt", tiny),
+        box_threshold=BOX_THRESHOLD,
+        device=device,
+    )
     return GroundedSam2Segmenter(settings)
 
 
@@ -133,10 +167,17 @@ def path_row(name: str, outputs: list[SegmentationOutput], seconds: float, peak_
             f"figures would be inflated: lower BOX_THRESHOLD ({BOX_THRESHOLD})"
         )
     frames = sum(len(found.masks) for found in outputs)
-    return {"name": name, "clips": len(outputs), "clips_tracked": len(outputs) - len(untracked), "frames": frames,
-            "seconds": round(seconds, 3), "frames_per_s": round(frames / seconds, 1), "peak_gpu_gib": peak_gib,
-            "products_found_mean": round(float(np.mean([found.num_objects for found in outputs])), 1),
-            "mask_coverage_mean": round(float(np.mean([found.masks.mean() for found in outputs])), 4)}
+    return {
+        "name": name,
+        "clips": len(outputs),
+        "clips_tracked": len(outputs) - len(untracked),
+        "frames": frames,
+        "seconds": round(seconds, 3),
+        "frames_per_s": round(frames / seconds, 1),
+        "peak_gpu_gib": peak_gib,
+        "products_found_mean": round(float(np.mean([found.num_objects for found in outputs])), 1),
+        "mask_coverage_mean": round(float(np.mean([found.masks.mean() for found in outputs])), 4),
+    }
 
 
 def equal_mask_pixels(a: list[SegmentationOutput], b: list[SegmentationOutput]) -> float:
@@ -145,8 +186,7 @@ def equal_mask_pixels(a: list[SegmentationOutput], b: list[SegmentationOutput]) 
     return equal / sum(x.masks.size for x in a)
 
 
-def step_seconds(segmenter: GroundedSam2Segmenter, clips: list[np.ndarray], prompts: list[str],
-                 cuda: bool) -> dict:
+def step_seconds(segmenter: GroundedSam2Segmenter, clips: list[np.ndarray], prompts: list[str], cuda: bool) -> dict:
     """Seconds of each step of `segment_many` on `clips`: where the time of the batched path goes
     (detector_preprocess_s: the share of detect_s the processor takes on the CPU)."""
     keyframes = [clip[keyframe_indices(len(clip), segmenter.settings.num_keyframes)] for clip in clips]
@@ -154,15 +194,26 @@ def step_seconds(segmenter: GroundedSam2Segmenter, clips: list[np.ndarray], prom
     _, preprocess_s, _ = timed(lambda: [processor(images=list(k), text=[PROMPT] * len(k)) for k in keyframes], cuda)
     detections, detect_s, _ = timed(lambda: segmenter._detect_keyframes(keyframes, prompts), cuda)
     encoded, encode_s, _ = timed(lambda: segmenter._encode(clips), cuda)
-    seeds = [segmenter._seed(keyframe_indices(len(clip), segmenter.settings.num_keyframes), found, 1)
-             for clip, found in zip(clips, detections)]
-    _, track_s, _ = timed(lambda: [segmenter._track(clip.shape[1:3], seed, features)
-                                   for clip, seed, features in zip(clips, seeds, encoded)], cuda)
+    seeds = [
+        segmenter._seed(keyframe_indices(len(clip), segmenter.settings.num_keyframes), found, 1)
+        for clip, found in zip(clips, detections)
+    ]
+    _, track_s, _ = timed(
+        lambda: [
+            segmenter._track(clip.shape[1:3], seed, features) for clip, seed, features in zip(clips, seeds, encoded)
+        ],
+        cuda,
+    )
     frames = sum(len(clip) for clip in clips)
-    return {"name": "batched-steps", "detect_s": round(detect_s, 3),
-            "detector_preprocess_s": round(preprocess_s, 3), "encode_s": round(encode_s, 3),
-            "track_s": round(track_s, 3), "encode_frames_per_s": round(frames / encode_s, 1),
-            "track_frames_per_s": round(frames / track_s, 1)}
+    return {
+        "name": "batched-steps",
+        "detect_s": round(detect_s, 3),
+        "detector_preprocess_s": round(preprocess_s, 3),
+        "encode_s": round(encode_s, 3),
+        "track_s": round(track_s, 3),
+        "encode_frames_per_s": round(frames / encode_s, 1),
+        "track_frames_per_s": round(frames / track_s, 1),
+    }
 
 
 def bench_segmentation(device: str, tiny: bool, clips: int | None = None, frames: int | None = None) -> list[dict]:
@@ -177,10 +228,18 @@ def bench_segmentation(device: str, tiny: bool, clips: int | None = None, frames
     data = synthetic_clips(clips, frames, height, width, seed=0)
     warm_up = synthetic_clips(2, frames, height, width, seed=1)
     prompts = [PROMPT] * clips
-    rows = [{"name": "setup", "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-             "torch": torch.__version__, "transformers": transformers.__version__,
-             "detector": "tiny" if tiny else "grounding-dino-base", "sam2": "tiny" if tiny else "sam2.1-hiera-l",
-             "sam2_image_size": segmenter._models.predictor.image_size, "clip": [frames, height, width]}]
+    rows = [
+        {
+            "name": "setup",
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "detector": "tiny" if tiny else "grounding-dino-base",
+            "sam2": "tiny" if tiny else "sam2.1-hiera-l",
+            "sam2_image_size": segmenter._models.predictor.image_size,
+            "clip": [frames, height, width],
+        }
+    ]
 
     segmenter.segment(warm_up[0], PROMPT)
     per_clip, seconds, peak = timed(lambda: [segmenter.segment(clip, p) for clip, p in zip(data, prompts)], cuda)
@@ -188,9 +247,13 @@ def bench_segmentation(device: str, tiny: bool, clips: int | None = None, frames
 
     segmenter.segment_many(warm_up, [PROMPT] * len(warm_up))
     batched, seconds, peak = timed(lambda: segmenter.segment_many(data, prompts), cuda)
-    rows.append({**path_row("batched", batched, seconds, peak),
-                 "equal_mask_pixels": round(equal_mask_pixels(per_clip, batched), 6),
-                 "same_num_objects": all(a.num_objects == b.num_objects for a, b in zip(per_clip, batched))})
+    rows.append(
+        {
+            **path_row("batched", batched, seconds, peak),
+            "equal_mask_pixels": round(equal_mask_pixels(per_clip, batched), 6),
+            "same_num_objects": all(a.num_objects == b.num_objects for a, b in zip(per_clip, batched)),
+        }
+    )
 
     several, seconds, peak = timed(lambda: segmenter.segment_many(data, prompts, max_objects=3), cuda)
     rows.append(path_row("batched-3-objects", several, seconds, peak))

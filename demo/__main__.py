@@ -20,10 +20,11 @@ from storage.images import save_png
 from storage.layout import DatasetRoot
 from storage.tracking import DEFAULT_MODEL_URI, tracking_uri
 from storage.video import write_video
-from tasks.evaluate import load_clip, split_rows
-from tasks.run_config import RunConfig, load_run_config
+from tasks.training.evaluate import load_clip, split_rows
+from tasks.training.run_config import RunConfig, load_run_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+DATASET_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dataset" / "demo.yaml"  # weights-free backends
 
 
 def write_generate_inputs(cfg: RunConfig, folder: Path) -> dict:
@@ -39,8 +40,12 @@ def write_generate_inputs(cfg: RunConfig, folder: Path) -> dict:
     with out.atomic_dir("images") as tmp:
         for index, photo in enumerate(clip.photos):
             save_png(tmp / f"{index}.png", photo)
-    return {"masked_video": str(out.path("masked.mp4")), "masks": str(out.path("masks")),
-            "images": [str(p) for p in sorted(out.path("images").glob("*.png"))], "caption": row["caption"]}
+    return {
+        "masked_video": str(out.path("masked.mp4")),
+        "masks": str(out.path("masks")),
+        "images": [str(p) for p in sorted(out.path("images").glob("*.png"))],
+        "caption": row["caption"],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (source / "products.csv").exists():
         print(f"writing {args.products} synthetic products to {source} (ground truth in {truth})")
         generate_studio(source, truth, StudioConfig(num_products=args.products))
-    summary = build_dataset(source=str(source), output=str(dataset), segmenter="classic", background_removal="classic")
+    summary = build_dataset(source=str(source), output=str(dataset), config=str(DATASET_CONFIG))
 
     # One resolved config for the whole demo, so train and evaluate read the same dataset.
     cfg = load_run_config(CONFIG, [f"data.root={dataset}"])
@@ -63,14 +68,21 @@ def main(argv: list[str] | None = None) -> None:
     trained = train(config=str(config))
     evaluation = evaluate(model=trained["model_uri"], config=str(config))
     inputs = write_generate_inputs(cfg, data / "generate_input")
-    output = run_generate(inputs["masks"], inputs["images"], str(data / "generated" / "demo.mp4"),
-                          masked_video=inputs["masked_video"], caption=inputs["caption"], model=DEFAULT_MODEL_URI,
-                          overwrite=True, data_dir=cfg.mlflow.data_dir)
+    output = run_generate(
+        inputs["masks"],
+        inputs["images"],
+        str(data / "generated" / "demo.mp4"),
+        masked_video=inputs["masked_video"],
+        caption=inputs["caption"],
+        model=DEFAULT_MODEL_URI,
+        overwrite=True,
+        data_dir=cfg.mlflow.data_dir,
+    )
 
     registry = evaluation["registry"]
     print(
         f"\nDataset: {dataset}\n"
-        f"  dataset.json, manifests/*.parquet (rejects: manifests/rejects.parquet)\n"
+        f"  dataset.json, manifests/*.parquet (rejects: manifests/rejects.parquet), build.yaml (its config)\n"
         f"  clips per split: {summary['clips_per_split']}\n"
         f"Training run {trained['run_id']}: {trained['global_step']} steps, model {trained['model_uri']}\n"
         f"  checkpoints: {trained['run_dir']}\n"

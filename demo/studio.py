@@ -111,7 +111,7 @@ class StudioConfig(BaseModel):
     colourways: int = Field(4, ge=1, description="colourway look: products that share one shape and its videos")
 
     @model_validator(mode="after")
-    def _check(self) -> "StudioConfig":
+    def _check(self) -> StudioConfig:
         for name in ("videos_per_product", "shots_per_video", "shot_seconds", "images_per_product"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
@@ -128,7 +128,7 @@ class StudioConfig(BaseModel):
         return self
 
     @classmethod
-    def tiny(cls, **overrides) -> "StudioConfig":
+    def tiny(cls, **overrides) -> StudioConfig:
         """Small sizes for tests: 256x144 videos of 2-3 shots of 1-2 s, 160 px photos."""
         values = dict(
             num_products=3,

@@ -16,9 +16,11 @@ Registering: a model from a training run (`runs:/<id>/model`, what the train flo
 becomes a new version whose source is that run's artifact; a local model folder is first logged
 to the evaluation run; a model that already is a registry version is not registered again. Each
 version carries the test metrics as tags `metric.<name>`, the evaluation run id, and the
-training data it was trained on (clip keys + content hashes, see tasks.evaluate.training_data_hashes)
-so `retrain` can tell whether the dataset has new data since.
+training data it was trained on (clip keys + content hashes, see tasks.training.registry)
+so `retrain` can tell whether the dataset has new data since. Which version becomes champion is
+tasks.training.registry.promote_if_better's rule.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,29 +36,32 @@ from prefect.artifacts import create_table_artifact
 from models import metrics as m
 from models.device import resolve_device
 from storage import tracking
-from storage.hashing import sha256_json
+from storage.config_files import ConfigError
 from storage.results import add_result_argument, emit_result
-from tasks.evaluate import EvaluationError, evaluate_split_task, split_rows, training_data_hashes
-from tasks.model_store import (IncompatibleCheckpointError, is_base_model, load_pipeline, read_model_card,
-                               read_run_config, resolve_model)
-from tasks.report import publish_poc_report
-from tasks.run_config import MlflowConfig, RunConfig, load_run_config
+from tasks.training.evaluate import EvaluationError, evaluate_split_task, split_rows
+from tasks.training.model_store import (
+    IncompatibleCheckpointError,
+    is_base_model,
+    load_pipeline,
+    read_model_card,
+    read_run_config,
+    resolve_model,
+)
+from tasks.training.registry import TRAINING_DATA_RUN_TAG, TRAINING_DATA_TAG, promote_if_better, record_training_data
+from tasks.training.report import publish_poc_report
+from tasks.training.run_config import MlflowConfig, RunConfig, resolve_run_config
 
-LOSS_METRIC = "loss"  # what the train flow (tasks/train.py) logs per optimizer step
-TRAINING_DATA_ARTIFACT = "training_data.json"
-TRAINING_DATA_TAG = "training_data.fingerprint"
-TRAINING_DATA_RUN_TAG = "training_data.run_id"  # the run whose artifacts hold TRAINING_DATA_ARTIFACT
+LOSS_METRIC = "loss"  # what the train flow (tasks/training/train.py) logs per optimizer step
 
 
-def effective_config(model_config: RunConfig, config: str | None, dataset: str | None,
-                     overrides: list[str] = ()) -> RunConfig:
-    """The model's run config with data/evaluate/registry/mlflow from `config` (with its dotted
-    `overrides`, e.g. evaluate.product_guidance_scale=0) and the dataset root."""
+def effective_config(model_config: RunConfig, config: RunConfig | None, dataset: str | None) -> RunConfig:
+    """The model's run config with data/evaluate/registry/mlflow from `config` (the evaluate
+    flow's config, overrides applied) and the dataset root."""
     merged = model_config
-    if config:
-        override = load_run_config(config, list(overrides))
-        merged = merged.model_copy(update={name: getattr(override, name)
-                                           for name in ("data", "evaluate", "registry", "mlflow")})
+    if config is not None:
+        merged = merged.model_copy(
+            update={name: getattr(config, name) for name in ("data", "evaluate", "registry", "mlflow")}
+        )
     if dataset:
         merged = merged.model_copy(update={"data": merged.data.model_copy(update={"root": dataset})})
     return merged
@@ -71,8 +76,11 @@ def loss_history(run_id: str | None) -> list[tuple[int, float]]:
 
 
 def _numbers(prefix: str, metrics: dict) -> dict[str, float]:
-    return {f"{prefix}/{name}": value["value"] for name, value in metrics.items()
-            if isinstance(value, dict) and "value" in value}
+    return {
+        f"{prefix}/{name}": value["value"]
+        for name, value in metrics.items()
+        if isinstance(value, dict) and "value" in value
+    }
 
 
 def metrics_table(results: dict[str, dict], split: str) -> list[dict]:
@@ -85,8 +93,13 @@ def metrics_table(results: dict[str, dict], split: str) -> list[dict]:
         row = {"metric": name}
         for column, values in columns.items():
             value = values.get(name)
-            row[column] = ("—" if value is None else f"{value['value']:.4g}" if "value" in value
-                           else f"unavailable: {value['unavailable']}")
+            row[column] = (
+                "—"
+                if value is None
+                else f"{value['value']:.4g}"
+                if "value" in value
+                else f"unavailable: {value['unavailable']}"
+            )
         table.append(row)
     return table
 
@@ -97,72 +110,111 @@ def _record_training_data(run_id: str, model_config: RunConfig, card: dict) -> s
     The dataset is the one the model card (else the model's run config) names, read now: the
     evaluate flow runs right after training in train -> evaluate and retrain.
     """
-    root = card.get("dataset_root") or model_config.data.root
-    hashes = training_data_hashes(root)
-    MlflowClient().log_dict(run_id, {"dataset_root": str(root), "clips": hashes}, TRAINING_DATA_ARTIFACT)
-    return sha256_json(hashes)
+    return record_training_data(run_id, card.get("dataset_root") or model_config.data.root)
 
 
-def register_evaluated(source: tracking.ModelSource, model_dir: Path, eval_run_id: str, test_metrics: dict,
-             run_config: RunConfig, fingerprint: str, log) -> dict:
+def register_evaluated(
+    source: tracking.ModelSource,
+    model_dir: Path,
+    eval_run_id: str,
+    test_metrics: dict,
+    run_config: RunConfig,
+    fingerprint: str,
+    log,
+) -> dict:
     """A registry version for the evaluated model (see the module doc) and the promotion decision."""
     name = run_config.registry.model_name
     if source.version is not None:
         log(f"{source.uri} already is version {source.version} of {name}: not registered again")
-        return {"version": source.version, "registered": False, "promoted": False,
-                "reason": "already a registry version"}
+        return {
+            "version": source.version,
+            "registered": False,
+            "promoted": False,
+            "reason": "already a registry version",
+        }
     if source.run_id is None:  # a local folder: the evaluation run keeps a copy to point at
         MlflowClient().log_artifacts(eval_run_id, str(model_dir), "model")
         run_id, path = eval_run_id, "model"
     else:
         run_id, path = source.run_id, source.artifact_path
     version = tracking.register_model_version(
-        run_id, path, test_metrics, name=name,
-        tags={"evaluation_run_id": eval_run_id, TRAINING_DATA_TAG: fingerprint,
-              TRAINING_DATA_RUN_TAG: eval_run_id, "dataset_root": str(run_config.data.root)})
+        run_id,
+        path,
+        test_metrics,
+        name=name,
+        tags={
+            "evaluation_run_id": eval_run_id,
+            TRAINING_DATA_TAG: fingerprint,
+            TRAINING_DATA_RUN_TAG: eval_run_id,
+            "dataset_root": str(run_config.data.root),
+        },
+    )
     if run_config.registry.promote:
-        decision = tracking.promote_if_better(name, version, run_config.evaluate.primary_metric,
-                                              run_config.evaluate.higher_is_better)
+        decision = promote_if_better(
+            name, version, run_config.evaluate.primary_metric, run_config.evaluate.higher_is_better
+        )
     else:
         tracking.set_alias(name, tracking.CHALLENGER, version)
         decision = {"promoted": False, "reason": "registry.promote is false"}
-    log(f"registered {name} version {version}; champion: "
-        f"{'moved to it' if decision['promoted'] else 'unchanged'} ({decision['reason']})")
+    log(
+        f"registered {name} version {version}; champion: "
+        f"{'moved to it' if decision['promoted'] else 'unchanged'} ({decision['reason']})"
+    )
     return {"registered": True, **decision, "version": version}
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(model: str = tracking.DEFAULT_MODEL_URI, config: str | None = None, dataset: str | None = None,
-             split: str = "test", register: bool = True, train_clips: int = 4, device: str = "auto",
-             overrides: list[str] = [], baseline: str | None = None) -> dict:
+def evaluate(
+    model: str = tracking.DEFAULT_MODEL_URI,
+    config: str | RunConfig | None = None,
+    dataset: str | None = None,
+    split: str = "test",
+    register: bool = True,
+    train_clips: int = 4,
+    device: str = "auto",
+    overrides: list[str] = [],  # noqa: B006 - a flow parameter (deployments show this default), never mutated
+    baseline: str | None = None,
+) -> dict:
     """Evaluate `model` on `split` (+ a few train clips), report, register, promote if better.
 
     model: a models:/ or runs:/ URI, a model folder, or `base:<run config>` (the untrained model
-    of a config, e.g. zero-shot VACE: never registered). overrides: dotted key=value settings of
-    `config` (its data/evaluate/registry/mlflow sections). baseline: another model evaluated on
-    the same split with the same settings (not registered), reported side by side."""
-    bootstrap = load_run_config(config).mlflow if config else MlflowConfig()
+    of a config, e.g. zero-shot VACE: never registered). config: a run config YAML, or a RunConfig
+    a caller has read (retrain). overrides: dotted key=value settings of `config` (its
+    data/evaluate/registry/mlflow sections). baseline: another model evaluated on the same split
+    with the same settings (not registered), reported side by side."""
+    config = resolve_run_config(config, overrides) if config is not None else None  # read once
+    bootstrap = config.mlflow if config is not None else MlflowConfig()
     experiment_id = tracking.setup_mlflow(bootstrap.experiment, bootstrap.data_dir)
     logger = get_run_logger()
     if register and is_base_model(model):
         logger.info("%s is an untrained base model: evaluated, not registered", model)
         register = False
-    summary = _evaluate_uri(model, experiment_id, config, dataset, split, register, train_clips, device, overrides)
+    summary = _evaluate_uri(model, experiment_id, config, dataset, split, register, train_clips, device)
     if baseline is not None:
-        other = _evaluate_uri(baseline, experiment_id, config, dataset, split, False, 0, device, overrides)
-        create_table_artifact(comparison_table(summary, other, split), key="evaluation-comparison",
-                              description=f"{model} and the baseline {baseline} on the {split} split")
+        other = _evaluate_uri(baseline, experiment_id, config, dataset, split, False, 0, device)
+        create_table_artifact(
+            comparison_table(summary, other, split),
+            key="evaluation-comparison",
+            description=f"{model} and the baseline {baseline} on the {split} split",
+        )
         summary["baseline"] = other
     return summary
 
 
-def _evaluate_uri(model: str, experiment_id: str, config: str | None, dataset: str | None, split: str,
-                  register: bool, train_clips: int, device: str, overrides: list[str]) -> dict:
+def _evaluate_uri(
+    model: str,
+    experiment_id: str,
+    config: RunConfig | None,
+    dataset: str | None,
+    split: str,
+    register: bool,
+    train_clips: int,
+    device: str,
+) -> dict:
     source = tracking.model_source(model)  # a missing alias fails here with what to do
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:  # a downloaded model is dropped after
         model_dir = resolve_model(model, scratch)
-        return _evaluate_model(source, model_dir, experiment_id, config, dataset, split, register, train_clips,
-                               device, overrides)
+        return _evaluate_model(source, model_dir, experiment_id, config, dataset, split, register, train_clips, device)
 
 
 def comparison_table(summary: dict, baseline: dict, split: str) -> list[dict]:
@@ -171,39 +223,64 @@ def comparison_table(summary: dict, baseline: dict, split: str) -> list[dict]:
     rows = []
     for name in sorted(set(ours) | set(theirs)):
         a, b = ours.get(name), theirs.get(name)
-        rows.append({"metric": name, summary["model"]: "unavailable" if a is None else f"{a:.4g}",
-                     baseline["model"]: "unavailable" if b is None else f"{b:.4g}",
-                     "difference": "—" if a is None or b is None else f"{a - b:+.4g}"})
+        rows.append(
+            {
+                "metric": name,
+                summary["model"]: "unavailable" if a is None else f"{a:.4g}",
+                baseline["model"]: "unavailable" if b is None else f"{b:.4g}",
+                "difference": "—" if a is None or b is None else f"{a - b:+.4g}",
+            }
+        )
     return rows
 
 
-def _evaluate_model(source: tracking.ModelSource, model_dir: Path, experiment_id: str, config: str | None,
-                    dataset: str | None, split: str, register: bool, train_clips: int, device: str,
-                    overrides: list[str]) -> dict:
+def _evaluate_model(
+    source: tracking.ModelSource,
+    model_dir: Path,
+    experiment_id: str,
+    config: RunConfig | None,
+    dataset: str | None,
+    split: str,
+    register: bool,
+    train_clips: int,
+    device: str,
+) -> dict:
     """The evaluate flow's body, on a local model folder."""
     logger, model = get_run_logger(), source.uri
     model_config = read_run_config(model_dir)
-    run_config = effective_config(model_config, config, dataset, overrides)
+    run_config = effective_config(model_config, config, dataset)
     root = str(Path(run_config.data.root).expanduser().resolve())
     split_rows(root, split)  # an empty split fails here, before a model is loaded or a run logged
     pipe, _ = load_pipeline(model_dir, device=resolve_device(device))
 
     settings = run_config.evaluate
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{split}",
-                          tags={"model_uri": model, "source_run_id": source.run_id or "",
-                                "model_version": source.version or ""}) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"evaluate-{split}",
+        tags={"model_uri": model, "source_run_id": source.run_id or "", "model_version": source.version or ""},
+    ) as run:
         run_id = run.info.run_id
-        mlflow.log_params({"model": model, "split": split, "dataset": root, "train_clips": train_clips,
-                           "num_inference_steps": settings.num_inference_steps, "seed": settings.seed,
-                           "text_guidance_scale": settings.text_guidance_scale,
-                           "product_guidance_scale": settings.product_guidance_scale,
-                           "primary_metric": settings.primary_metric})
+        mlflow.log_params(
+            {
+                "model": model,
+                "split": split,
+                "dataset": root,
+                "train_clips": train_clips,
+                "num_inference_steps": settings.num_inference_steps,
+                "seed": settings.seed,
+                "text_guidance_scale": settings.text_guidance_scale,
+                "product_guidance_scale": settings.product_guidance_scale,
+                "primary_metric": settings.primary_metric,
+            }
+        )
         folder = Path(run_config.mlflow.data_dir).resolve() / "evaluations" / run_id
-        results = {split: evaluate_split_task(pipe, run_config, root, split, folder, settings.max_clips,
-                                              log=logger.info)}
+        results = {
+            split: evaluate_split_task(pipe, run_config, root, split, folder, settings.max_clips, log=logger.info)
+        }
         if split != "train" and train_clips > 0:
-            results["train"] = evaluate_split_task(pipe, run_config, root, "train", folder, train_clips,
-                                                   log=logger.info)
+            results["train"] = evaluate_split_task(
+                pipe, run_config, root, "train", folder, train_clips, log=logger.info
+            )
         for name, result in results.items():
             mlflow.log_metrics(_numbers(name, result["overall"]))
             for category, values in result["by_category"].items():
@@ -211,46 +288,86 @@ def _evaluate_model(source: tracking.ModelSource, model_dir: Path, experiment_id
         mlflow.log_artifacts(str(folder), "evaluation")
 
         test = results[split]
-        verdict = publish_poc_report(results.get("train", test)["overall"], test["overall"],
-                                     test["by_category"], {"train": loss_history(source.run_id)},
-                                     run_id, settings.thresholds)
-        create_table_artifact(metrics_table(results, split), key="evaluation-metrics",
-                              description=f"Metrics of {model} ({split} split per category; unavailable = why)")
+        verdict = publish_poc_report(
+            results.get("train", test)["overall"],
+            test["overall"],
+            test["by_category"],
+            {"train": loss_history(source.run_id)},
+            run_id,
+            settings.thresholds,
+        )
+        create_table_artifact(
+            metrics_table(results, split),
+            key="evaluation-metrics",
+            description=f"Metrics of {model} ({split} split per category; unavailable = why)",
+        )
         fingerprint = _record_training_data(run_id, model_config, read_model_card(model_dir))
-        registry = (register_evaluated(source, model_dir, run_id, test["overall"], run_config, fingerprint,
-                                       logger.info)
-                    if register else {"registered": False, "reason": "register is false"})
+        registry = (
+            register_evaluated(source, model_dir, run_id, test["overall"], run_config, fingerprint, logger.info)
+            if register
+            else {"registered": False, "reason": "register is false"}
+        )
 
-    summary = {"evaluation_run_id": run_id, "model": model, "split": split, "folder": str(folder),
-               "verdict": verdict["outcome"], "registry": registry,
-               "metrics": {name: {k: m.value_of(v) for k, v in r["overall"].items()}
-                           for name, r in results.items()}}
+    summary = {
+        "evaluation_run_id": run_id,
+        "model": model,
+        "split": split,
+        "folder": str(folder),
+        "verdict": verdict["outcome"],
+        "registry": registry,
+        "metrics": {name: {k: m.value_of(v) for k, v in r["overall"].items()} for name, r in results.items()},
+    }
     logger.info("evaluation run %s: %s", run_id, json.dumps(summary["metrics"][split]))
     return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Evaluate a model, write the PoC report, register it.")
-    parser.add_argument("--model", default=tracking.DEFAULT_MODEL_URI,
-                        help="models:/, runs:/ URI, model folder or base:<run config> (the untrained model)")
+    parser.add_argument(
+        "--model",
+        default=tracking.DEFAULT_MODEL_URI,
+        help="models:/, runs:/ URI, model folder or base:<run config> (the untrained model)",
+    )
     parser.add_argument("--config", default=None, help="run config whose data/evaluate/registry/mlflow sections apply")
     parser.add_argument("--dataset", default=None, help="dataset root (default: the config's data.root)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--train-clips", type=int, default=4, help="train clips generated for the train criteria")
     parser.add_argument("--no-register", dest="register", action="store_false", help="do not register the model")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting of --config, e.g. evaluate.num_inference_steps=20")
-    parser.add_argument("--baseline", default=None,
-                        help="another model reported side by side, e.g. base:configs/vace-1.3b.yaml (zero-shot VACE)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of --config, e.g. evaluate.num_inference_steps=20",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="another model reported side by side, e.g. base:configs/vace-1.3b.yaml (zero-shot VACE)",
+    )
     add_result_argument(parser)
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         parser.error("--set overrides a setting of --config: pass --config too")
+    try:  # checked before the flow starts: a bad key is one line, exit 2
+        if args.config:
+            resolve_run_config(args.config, args.overrides)
+    except (FileNotFoundError, ConfigError) as error:
+        parser.exit(2, f"error: {error}\n")
     try:
-        summary = evaluate(model=args.model, config=args.config, dataset=args.dataset, split=args.split,
-                           register=args.register, train_clips=args.train_clips, device=args.device,
-                           overrides=args.overrides, baseline=args.baseline)
+        summary = evaluate(
+            model=args.model,
+            config=args.config,
+            dataset=args.dataset,
+            split=args.split,
+            register=args.register,
+            train_clips=args.train_clips,
+            device=args.device,
+            overrides=args.overrides,
+            baseline=args.baseline,
+        )
     except (tracking.ModelNotFoundError, IncompatibleCheckpointError, EvaluationError) as error:
         parser.exit(2, f"error: {error}\n")
     return emit_result(summary, args.result)

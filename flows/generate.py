@@ -17,6 +17,7 @@ without `--overwrite`; the mp4 appears complete or not at all.
 
 The same as a Prefect flow: `generate(...)` (deployment `generate/default`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,8 @@ from storage import tracking
 from storage.images import ImageError, load_mask_png, load_photo_rgba
 from storage.layout import DatasetRoot
 from storage.video import VideoError, probe, read_video, write_video
-from tasks.model_store import IncompatibleCheckpointError, load_pipeline
-from tasks.run_config import RunConfig
+from tasks.training.model_store import IncompatibleCheckpointError, load_pipeline
+from tasks.training.run_config import RunConfig
 
 MAX_IMAGES = 5
 SIZE_MULTIPLE = SPATIAL_FACTOR * 2  # VAE 8x, then the DiT's 2x2 patches
@@ -83,9 +84,14 @@ def read_masks(path: str | Path) -> np.ndarray:
     raise GenerateInputError(f"masks {path} not found: pass a folder of per-frame PNGs or a mask video")
 
 
-def load_inputs(masks: str | Path, images: list[str], masked_video: str | Path | None = None,
-                video: str | Path | None = None, trim: bool = False,
-                max_images: int = MAX_IMAGES) -> GenerateInputs:
+def load_inputs(
+    masks: str | Path,
+    images: list[str],
+    masked_video: str | Path | None = None,
+    video: str | Path | None = None,
+    trim: bool = False,
+    max_images: int = MAX_IMAGES,
+) -> GenerateInputs:
     """Read and check everything before a model is loaded; each problem is a GenerateInputError."""
     if (masked_video is None) == (video is None):
         raise GenerateInputError("pass exactly one of --masked-video (product region blanked) or --video")
@@ -105,19 +111,26 @@ def load_inputs(masks: str | Path, images: list[str], masked_video: str | Path |
         count = nearest_valid_frames(min(count, len(mask)))[0]
         frames, mask = frames[:count], mask[:count]
     if len(mask) != len(frames):
-        raise GenerateInputError(f"{clip_path.name} has {len(frames)} frames but there are {len(mask)} masks: "
-                                 "give one mask per frame")
+        raise GenerateInputError(
+            f"{clip_path.name} has {len(frames)} frames but there are {len(mask)} masks: give one mask per frame"
+        )
     if mask.shape[1:] != (height, width):
-        raise GenerateInputError(f"masks are {mask.shape[2]}x{mask.shape[1]} but the video is {width}x{height}: "
-                                 "masks must have the video's size")
+        raise GenerateInputError(
+            f"masks are {mask.shape[2]}x{mask.shape[1]} but the video is {width}x{height}: "
+            "masks must have the video's size"
+        )
     if (count - 1) % TEMPORAL_FACTOR:
         below, above = nearest_valid_frames(count)
-        raise GenerateInputError(f"{clip_path.name} has {count} frames; the model needs 4k+1 frames (nearest: "
-                                 f"{below} or {above}): cut the clip, or pass --trim to use the first {below}")
+        raise GenerateInputError(
+            f"{clip_path.name} has {count} frames; the model needs 4k+1 frames (nearest: "
+            f"{below} or {above}): cut the clip, or pass --trim to use the first {below}"
+        )
     if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-        raise GenerateInputError(f"{clip_path.name} is {width}x{height}; width and height must be multiples "
-                                 f"of {SIZE_MULTIPLE} (e.g. {width // SIZE_MULTIPLE * SIZE_MULTIPLE}x"
-                                 f"{height // SIZE_MULTIPLE * SIZE_MULTIPLE}): resize or crop the clip and masks")
+        raise GenerateInputError(
+            f"{clip_path.name} is {width}x{height}; width and height must be multiples "
+            f"of {SIZE_MULTIPLE} (e.g. {width // SIZE_MULTIPLE * SIZE_MULTIPLE}x"
+            f"{height // SIZE_MULTIPLE * SIZE_MULTIPLE}): resize or crop the clip and masks"
+        )
     if not mask.any():
         raise GenerateInputError("the masks are empty: mark where the product goes (white pixels)")
     # A masked video is blanked again too: H.264 can leak product colour into the zeroed region.
@@ -125,8 +138,9 @@ def load_inputs(masks: str | Path, images: list[str], masked_video: str | Path |
     return GenerateInputs(blanked=blanked, masks=mask, photos=photos, fps=fps)
 
 
-def open_model(model: str, device: str, data_dir: str | Path = "data",
-               plain: bool = False) -> tuple[ProductVideoPipeline, RunConfig]:
+def open_model(
+    model: str, device: str, data_dir: str | Path = "data", plain: bool = False
+) -> tuple[ProductVideoPipeline, RunConfig]:
     """(pipeline on `device`, the run config it was trained with) of a registry URI, runs:/ URI
     or local model folder; `plain` swaps the config's sampler speed settings for diffusers' plain
     path (SamplerConfig.plain). URIs are looked up in MLflow (MLFLOW_TRACKING_URI, else the local
@@ -146,55 +160,114 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
     return output
 
 
-def generate_video(pipe: ProductVideoPipeline, sampler: SamplerConfig, inputs: GenerateInputs,
-                   output: str | Path, caption: str = "", steps: int | None = None,
-                   text_guidance: float | None = None, product_guidance: float | None = None, seed: int = 0,
-                   overwrite: bool = False, callback: Callable[[int, int], None] | None = None) -> Path:
+def generate_video(
+    pipe: ProductVideoPipeline,
+    sampler: SamplerConfig,
+    inputs: GenerateInputs,
+    output: str | Path,
+    caption: str = "",
+    steps: int | None = None,
+    text_guidance: float | None = None,
+    product_guidance: float | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    callback: Callable[[int, int], None] | None = None,
+) -> Path:
     """Generate and write the mp4 atomically. Steps, guidance scales, negative prompt and
     feathering default to `sampler` (the model config's)."""
     output = check_output(output, overwrite)
     if len(inputs.photos) > pipe.config.max_product_images:
-        raise GenerateInputError(f"got {len(inputs.photos)} product images; this model takes at most "
-                                 f"{pipe.config.max_product_images}")
+        raise GenerateInputError(
+            f"got {len(inputs.photos)} product images; this model takes at most {pipe.config.max_product_images}"
+        )
     device = pipe._execution_device
     mask = torch.from_numpy(inputs.masks.astype(np.float32))[None, None]
     blanked = torch.from_numpy(inputs.blanked).permute(3, 0, 1, 2)[None]
-    video = pipe(blanked, mask, [inputs.photos], caption, negative_prompt=sampler.negative_prompt,
-                 num_inference_steps=steps or sampler.num_inference_steps,
-                 text_guidance_scale=sampler.text_guidance_scale if text_guidance is None else text_guidance,
-                 product_guidance_scale=(sampler.product_guidance_scale if product_guidance is None
-                                         else product_guidance),
-                 generator=torch.Generator(device=device).manual_seed(seed), feather_px=sampler.feather_px,
-                 output_type="np", callback=callback, attention_backend=sampler.attention)[0]
+    video = pipe(
+        blanked,
+        mask,
+        [inputs.photos],
+        caption,
+        negative_prompt=sampler.negative_prompt,
+        num_inference_steps=steps or sampler.num_inference_steps,
+        text_guidance_scale=sampler.text_guidance_scale if text_guidance is None else text_guidance,
+        product_guidance_scale=(sampler.product_guidance_scale if product_guidance is None else product_guidance),
+        generator=torch.Generator(device=device).manual_seed(seed),
+        feather_px=sampler.feather_px,
+        output_type="np",
+        callback=callback,
+        attention_backend=sampler.attention,
+    )[0]
     with DatasetRoot.create(output.parent).atomic_file(output.name) as tmp:
         write_video(tmp, video, fps=inputs.fps)
     return output
 
 
-def run_generate(masks: str, images: list[str], output: str, masked_video: str | None = None,
-                 video: str | None = None, caption: str = "", model: str = tracking.DEFAULT_MODEL_URI,
-                 checkpoint: str | None = None, steps: int | None = None, text_guidance: float | None = None,
-                 product_guidance: float | None = None, seed: int = 0, trim: bool = False,
-                 overwrite: bool = False, device: str = "auto", data_dir: str = "data", plain: bool = False,
-                 callback: Callable[[int, int], None] | None = None,
-                 log: Callable[[str], None] = print) -> Path:
+def run_generate(
+    masks: str,
+    images: list[str],
+    output: str,
+    masked_video: str | None = None,
+    video: str | None = None,
+    caption: str = "",
+    model: str = tracking.DEFAULT_MODEL_URI,
+    checkpoint: str | None = None,
+    steps: int | None = None,
+    text_guidance: float | None = None,
+    product_guidance: float | None = None,
+    seed: int = 0,
+    trim: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    data_dir: str = "data",
+    plain: bool = False,
+    callback: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Check the output and inputs first (cheap), then load the model and generate."""
     check_output(output, overwrite)
     inputs = load_inputs(masks, images, masked_video=masked_video, video=video, trim=trim)
     source = checkpoint or model
-    log(f"{len(inputs.masks)} frames {inputs.masks.shape[2]}x{inputs.masks.shape[1]}, "
-        f"{len(inputs.photos)} product images; loading {source}")
+    log(
+        f"{len(inputs.masks)} frames {inputs.masks.shape[2]}x{inputs.masks.shape[1]}, "
+        f"{len(inputs.photos)} product images; loading {source}"
+    )
     pipe, run_config = open_model(source, device, data_dir, plain)
-    return generate_video(pipe, run_config.model.sampler, inputs, output, caption, steps, text_guidance,
-                          product_guidance, seed, overwrite, callback)
+    return generate_video(
+        pipe,
+        run_config.model.sampler,
+        inputs,
+        output,
+        caption,
+        steps,
+        text_guidance,
+        product_guidance,
+        seed,
+        overwrite,
+        callback,
+    )
 
 
 @flow(name="generate", log_prints=True)
-def generate(masks: str, images: list[str], output: str, masked_video: str | None = None,
-             video: str | None = None, caption: str = "", model: str = tracking.DEFAULT_MODEL_URI,
-             checkpoint: str | None = None, steps: int | None = None, text_guidance: float | None = None,
-             product_guidance: float | None = None, seed: int = 0, trim: bool = False,
-             overwrite: bool = False, device: str = "auto", data_dir: str = "data", plain: bool = False) -> str:
+def generate(
+    masks: str,
+    images: list[str],
+    output: str,
+    masked_video: str | None = None,
+    video: str | None = None,
+    caption: str = "",
+    model: str = tracking.DEFAULT_MODEL_URI,
+    checkpoint: str | None = None,
+    steps: int | None = None,
+    text_guidance: float | None = None,
+    product_guidance: float | None = None,
+    seed: int = 0,
+    trim: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    data_dir: str = "data",
+    plain: bool = False,
+) -> str:
     """Generate one product video (see the module doc); progress shows as a Prefect artifact.
     plain: diffusers' plain path instead of the model config's speed settings (docs/performance.md)."""
     logger = get_run_logger()
@@ -203,11 +276,31 @@ def generate(masks: str, images: list[str], output: str, masked_video: str | Non
     def step_done(step: int, total: int) -> None:
         update_progress_artifact(progress, 100.0 * step / total)
 
-    written = run_generate(masks, images, output, masked_video, video, caption, model, checkpoint, steps,
-                           text_guidance, product_guidance, seed, trim, overwrite, device, data_dir, plain,
-                           callback=step_done, log=logger.info)
-    create_markdown_artifact(f"Generated `{written.resolve()}` from `{checkpoint or model}` "
-                             f"(seed {seed}, caption {caption!r}).", key="generate-output")
+    written = run_generate(
+        masks,
+        images,
+        output,
+        masked_video,
+        video,
+        caption,
+        model,
+        checkpoint,
+        steps,
+        text_guidance,
+        product_guidance,
+        seed,
+        trim,
+        overwrite,
+        device,
+        data_dir,
+        plain,
+        callback=step_done,
+        log=logger.info,
+    )
+    create_markdown_artifact(
+        f"Generated `{written.resolve()}` from `{checkpoint or model}` (seed {seed}, caption {caption!r}).",
+        key="generate-output",
+    )
     return str(written)
 
 
@@ -220,8 +313,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--images", nargs="+", default=[], help=f"1-{MAX_IMAGES} product photos")
     parser.add_argument("--caption", default="", help="text prompt describing the product / shot")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", default=tracking.DEFAULT_MODEL_URI,
-                        help="models:/... or runs:/... URI, or base:<run config> (its untrained model: zero-shot VACE)")
+    source.add_argument(
+        "--model",
+        default=tracking.DEFAULT_MODEL_URI,
+        help="models:/... or runs:/... URI, or base:<run config> (its untrained model: zero-shot VACE)",
+    )
     source.add_argument("--checkpoint", help="a local model folder (as the train flow saves)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model config's)")
     parser.add_argument("--text-guidance", type=float, help="text guidance scale (default: the model config's)")
@@ -232,21 +328,42 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--trim", action="store_true", help="use the first 4k+1 frames")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--data-dir", default="data", help="where the local MLflow store lives")
-    parser.add_argument("--plain", action="store_true",
-                        help="diffusers' plain path: no compilation, no step cache, PyTorch's attention order")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="diffusers' plain path: no compilation, no step cache, PyTorch's attention order",
+    )
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
     with tqdm(desc="sampling", unit="step") as bar:
+
         def step_done(step: int, total: int) -> None:
             bar.total = total
             bar.update(step - bar.n)
 
         try:
-            written = run_generate(args.masks, args.images, args.output, args.masked_video, args.video, args.caption,
-                                   args.model, args.checkpoint, args.steps, args.text_guidance,
-                                   args.product_guidance, args.seed, args.trim, args.overwrite, args.device,
-                                   args.data_dir, args.plain, callback=step_done, log=tqdm.write)
+            written = run_generate(
+                args.masks,
+                args.images,
+                args.output,
+                args.masked_video,
+                args.video,
+                args.caption,
+                args.model,
+                args.checkpoint,
+                args.steps,
+                args.text_guidance,
+                args.product_guidance,
+                args.seed,
+                args.trim,
+                args.overwrite,
+                args.device,
+                args.data_dir,
+                args.plain,
+                callback=step_done,
+                log=tqdm.write,
+            )
         except (GenerateInputError, FileExistsError, tracking.ModelNotFoundError, IncompatibleCheckpointError) as error:
             parser.exit(2, f"error: {error}\n")
     print(f"wrote {written.resolve()}")

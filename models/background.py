@@ -71,7 +71,7 @@ def rembg_session(model: str):
     how_to_fix = (
         "put the model's .onnx file in a folder and pass its path as rembg_model "
         "(e.g. rembg_model=/models/u2net.onnx), or, for studio photos on a plain backdrop, "
-        "use background_removal='classic' (ImageConfig.backend)"
+        "use the classic backend (build config: images.backend=classic, as configs/dataset/demo.yaml)"
     )
     if is_model_file(model):
         path = Path(model).expanduser().resolve()

@@ -6,6 +6,7 @@ training objective and the sampler. `base_model: tiny` means "random tiny compon
 models.tiny" (CPU tests and demo); `models.tiny.materialize_tiny` saves them to a folder and
 returns a config pointing at it, so tests load through the same `from_pretrained` path as users.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,7 +68,7 @@ class SamplerConfig(BaseModel):
     # with `python -m experiments.poc step-cache --model URI`.
     step_cache_threshold: float | None = Field(0.2, gt=0)
 
-    def plain(self) -> "SamplerConfig":
+    def plain(self) -> SamplerConfig:
         """These settings on diffusers' plain path: every step exact, eager, PyTorch's attention order."""
         return self.model_copy(update={"attention": "default", "compile": False, "step_cache_threshold": None})
 
@@ -123,7 +124,7 @@ class ModelConfig(BaseModel):
     sampler: SamplerConfig = SamplerConfig()
 
     @model_validator(mode="after")
-    def _clip_needs_an_image_encoder(self) -> "ModelConfig":
+    def _clip_needs_an_image_encoder(self) -> ModelConfig:
         if self.reference in ("clip", "both") and not self.image_encoder:
             raise ValueError(f"reference {self.reference!r} uses CLIP tokens of the photos: set model.image_encoder")
         return self

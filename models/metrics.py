@@ -37,6 +37,7 @@ Folders written by tests with random weights carry a marker file (`mark_untraine
 they load only with `allow_untrained_test_weights=True`, and every value computed from them carries
 the note "computed with untrained test weights", which the PoC report never counts as a result.
 """
+
 from __future__ import annotations
 
 import functools
@@ -91,6 +92,7 @@ def value_of(metric: MetricValue | float | None) -> float | None:
 
 
 # --------------------------------------------------------------------------------- PSNR / SSIM
+
 
 def _check_pair(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None) -> None:
     if pred.shape != target.shape or pred.ndim != 4 or pred.shape[-1] != 3:
@@ -180,8 +182,9 @@ def _gray_uint8(frame: np.ndarray) -> np.ndarray:
 
 
 def _farneback(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    return cv2.calcOpticalFlowFarneback(first, second, None, pyr_scale=0.5, levels=3, winsize=15,
-                                        iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+    return cv2.calcOpticalFlowFarneback(
+        first, second, None, pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0
+    )
 
 
 def optical_flows(reference: np.ndarray) -> list[FramePairFlow]:
@@ -196,8 +199,7 @@ def optical_flows(reference: np.ndarray) -> list[FramePairFlow]:
         forward = _farneback(current, following)
         backward = _farneback(following, current)
         sample_x, sample_y = grid_x + forward[..., 0], grid_y + forward[..., 1]
-        backward_there = cv2.remap(backward, sample_x, sample_y, cv2.INTER_LINEAR,
-                                   borderMode=cv2.BORDER_REPLICATE)
+        backward_there = cv2.remap(backward, sample_x, sample_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         round_trip = np.sum((forward + backward_there) ** 2, axis=-1)
         magnitude = np.sum(forward**2, axis=-1) + np.sum(backward_there**2, axis=-1)
         consistent = round_trip < _OCCLUSION_ALPHA * magnitude + _OCCLUSION_BETA
@@ -206,8 +208,12 @@ def optical_flows(reference: np.ndarray) -> list[FramePairFlow]:
     return pairs
 
 
-def warping_error(video: np.ndarray, flow_source: np.ndarray | None = None,
-                  mask: np.ndarray | None = None, flows: list[FramePairFlow] | None = None) -> float:
+def warping_error(
+    video: np.ndarray,
+    flow_source: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    flows: list[FramePairFlow] | None = None,
+) -> float:
     """Mean |frame_t - warp(frame_t+1)| over visible pixels (inside `mask[t]` if given).
 
     The flow comes from `flows` (precomputed with `optical_flows`), else from `flow_source` (the
@@ -223,8 +229,13 @@ def warping_error(video: np.ndarray, flow_source: np.ndarray | None = None,
         visible = pair.visible if mask is None else pair.visible & mask[t].astype(bool)
         if not visible.any():
             continue
-        warped = cv2.remap(video[t + 1].astype(np.float32), pair.sample_x, pair.sample_y,
-                           cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        warped = cv2.remap(
+            video[t + 1].astype(np.float32),
+            pair.sample_x,
+            pair.sample_y,
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
         errors.append(float(np.abs(video[t].astype(np.float32) - warped)[visible].mean()))
     if not errors:
         raise ValueError("no pixel (in the mask) stays visible between consecutive frames")
@@ -232,6 +243,7 @@ def warping_error(video: np.ndarray, flow_source: np.ndarray | None = None,
 
 
 # ------------------------------------------------------------------------- Frechet distance
+
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
@@ -261,11 +273,13 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
     features1, features2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     if min(len(features1), len(features2)) < 2:
         raise ValueError("a Frechet distance needs at least 2 samples on each side")
-    return frechet_distance(features1.mean(0), np.cov(features1, rowvar=False),
-                            features2.mean(0), np.cov(features2, rowvar=False))
+    return frechet_distance(
+        features1.mean(0), np.cov(features1, rowvar=False), features2.mean(0), np.cov(features2, rowvar=False)
+    )
 
 
 # ------------------------------------------------------------------------ metric networks
+
 
 class MetricNetworks(BaseModel):
     """Where the metric networks come from: a local folder or a hub id each; None = not configured.
@@ -304,7 +318,8 @@ class LoadedNetwork:
 def mark_untrained_test_weights(folder: str | Path) -> None:
     """Mark a folder of randomly initialised weights (tests) so reports can never mistake it."""
     (Path(folder) / UNTRAINED_MARKER).write_text(
-        "These weights are randomly initialised for tests; metrics computed with them mean nothing.\n")
+        "These weights are randomly initialised for tests; metrics computed with them mean nothing.\n"
+    )
 
 
 def _network_classes(kind: str):
@@ -335,24 +350,25 @@ def _remember_failures(load):
 
 
 @_remember_failures
-def _load_network(kind: str, source: str, local_files_only: bool, device: str,
-                  allow_untrained: bool) -> LoadedNetwork:
+def _load_network(kind: str, source: str, local_files_only: bool, device: str, allow_untrained: bool) -> LoadedNetwork:
     untrained = (Path(source) / UNTRAINED_MARKER).exists()
     if untrained and not allow_untrained:
         raise NetworkUnavailable(f"{kind} weights at {source} are marked as untrained test weights")
     model_class, processor_class = _network_classes(kind)
     try:
-        model, info = model_class.from_pretrained(source, local_files_only=local_files_only,
-                                                  output_loading_info=True)
+        model, info = model_class.from_pretrained(source, local_files_only=local_files_only, output_loading_info=True)
         processor = processor_class.from_pretrained(source, local_files_only=local_files_only)
-    except Exception as error:  # noqa: BLE001 - any loading failure makes the metric unavailable
-        raise NetworkUnavailable(f"{kind} network {source!r} did not load: "
-                                 f"{type(error).__name__}: {str(error)[:300]}") from error
+    except Exception as error:  # any loading failure makes the metric unavailable
+        raise NetworkUnavailable(
+            f"{kind} network {source!r} did not load: {type(error).__name__}: {str(error)[:300]}"
+        ) from error
     # from_pretrained silently initialises weights its checkpoint lacks: refuse those.
     missing = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
     if missing:
-        raise NetworkUnavailable(f"{kind} checkpoint {source!r} lacks {len(missing)} weights of a "
-                                 f"{model_class.__name__} (e.g. {missing[0]}): wrong checkpoint type?")
+        raise NetworkUnavailable(
+            f"{kind} checkpoint {source!r} lacks {len(missing)} weights of a "
+            f"{model_class.__name__} (e.g. {missing[0]}): wrong checkpoint type?"
+        )
     return LoadedNetwork(model.to(device).eval(), processor, UNTRAINED_NOTE if untrained else None)
 
 
@@ -361,8 +377,9 @@ def load_network(kind: Literal["clip", "dino", "fvd"], networks: MetricNetworks)
     source = getattr(networks, kind)
     if not source:
         raise NetworkUnavailable(f"no {kind} network configured (MetricNetworks.{kind})")
-    return _load_network(kind, str(source), networks.local_files_only, networks.device,
-                         networks.allow_untrained_test_weights)
+    return _load_network(
+        kind, str(source), networks.local_files_only, networks.device, networks.allow_untrained_test_weights
+    )
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -376,8 +393,9 @@ def product_crops(video: np.ndarray, masks: np.ndarray, num_frames: int = 4) -> 
     frames_with_product = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
     if len(frames_with_product) == 0:
         raise ValueError("the mask is empty in every frame: no product region to crop")
-    picks = frames_with_product[np.linspace(0, len(frames_with_product) - 1,
-                                            min(num_frames, len(frames_with_product))).round().astype(int)]
+    picks = frames_with_product[
+        np.linspace(0, len(frames_with_product) - 1, min(num_frames, len(frames_with_product))).round().astype(int)
+    ]
     height, width = masks.shape[1:]
     crops = []
     for t in picks:
@@ -386,15 +404,15 @@ def product_crops(video: np.ndarray, masks: np.ndarray, num_frames: int = 4) -> 
         side = min(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1, height, width)
         top = int(np.clip((ys.min() + ys.max() + 1 - side) // 2, 0, height - side))
         left = int(np.clip((xs.min() + xs.max() + 1 - side) // 2, 0, width - side))
-        crops.append(_to_uint8(video[t, top:top + side, left:left + side]))
+        crops.append(_to_uint8(video[t, top : top + side, left : left + side]))
     return crops
 
 
 @torch.no_grad()
-def _image_embeddings(kind: str, network: LoadedNetwork, images: Sequence[np.ndarray],
-                      device: str) -> torch.Tensor:
-    pixels = network.processor(images=[_to_uint8(image) for image in images],
-                               return_tensors="pt").pixel_values.to(device)
+def _image_embeddings(kind: str, network: LoadedNetwork, images: Sequence[np.ndarray], device: str) -> torch.Tensor:
+    pixels = network.processor(images=[_to_uint8(image) for image in images], return_tensors="pt").pixel_values.to(
+        device
+    )
     if kind == "clip":
         embeddings = network.model.get_image_features(pixel_values=pixels).pooler_output
     else:  # DINO score: the CLS token after the final layer norm, as DreamBooth's metric
@@ -402,8 +420,13 @@ def _image_embeddings(kind: str, network: LoadedNetwork, images: Sequence[np.nda
     return torch.nn.functional.normalize(embeddings.float(), dim=-1)
 
 
-def _identity_similarity(kind: Literal["clip", "dino"], generated: np.ndarray, masks: np.ndarray,
-                         photos: Sequence[np.ndarray], networks: MetricNetworks) -> MetricValue:
+def _identity_similarity(
+    kind: Literal["clip", "dino"],
+    generated: np.ndarray,
+    masks: np.ndarray,
+    photos: Sequence[np.ndarray],
+    networks: MetricNetworks,
+) -> MetricValue:
     if len(photos) == 0:
         return unavailable("no product photos given")
     try:
@@ -411,19 +434,23 @@ def _identity_similarity(kind: Literal["clip", "dino"], generated: np.ndarray, m
     except NetworkUnavailable as error:
         return unavailable(str(error))
     crops = product_crops(generated, masks, networks.num_crop_frames)
-    similarity = (_image_embeddings(kind, network, crops, networks.device)
-                  @ _image_embeddings(kind, network, photos, networks.device).T)
+    similarity = (
+        _image_embeddings(kind, network, crops, networks.device)
+        @ _image_embeddings(kind, network, photos, networks.device).T
+    )
     return available(similarity.mean().item(), network.note)
 
 
-def clip_i(generated: np.ndarray, masks: np.ndarray, photos: Sequence[np.ndarray],
-           networks: MetricNetworks) -> MetricValue:
+def clip_i(
+    generated: np.ndarray, masks: np.ndarray, photos: Sequence[np.ndarray], networks: MetricNetworks
+) -> MetricValue:
     """Mean CLIP image-embedding cosine between product crops of `generated` and the photos."""
     return _identity_similarity("clip", generated, masks, photos, networks)
 
 
-def dino_score(generated: np.ndarray, masks: np.ndarray, photos: Sequence[np.ndarray],
-               networks: MetricNetworks) -> MetricValue:
+def dino_score(
+    generated: np.ndarray, masks: np.ndarray, photos: Sequence[np.ndarray], networks: MetricNetworks
+) -> MetricValue:
     """Mean DINOv2 CLS cosine between product crops of `generated` and the photos."""
     return _identity_similarity("dino", generated, masks, photos, networks)
 
@@ -437,17 +464,18 @@ def video_features(video: np.ndarray, networks: MetricNetworks) -> np.ndarray:
     network = load_network("fvd", networks)
     count = network.model.config.num_frames
     indices = np.linspace(0, len(video) - 1, count).round().astype(int)
-    pixels = network.processor([_to_uint8(frame) for frame in video[indices]],
-                               return_tensors="pt").pixel_values.to(networks.device)
+    pixels = network.processor([_to_uint8(frame) for frame in video[indices]], return_tensors="pt").pixel_values.to(
+        networks.device
+    )
     return network.model(pixel_values=pixels).last_hidden_state.mean(dim=1)[0].float().cpu().numpy()
 
 
-def fvd_from_features(generated: Sequence[Sequence[float]], real: Sequence[Sequence[float]],
-                      note: str | None = None) -> MetricValue:
+def fvd_from_features(
+    generated: Sequence[Sequence[float]], real: Sequence[Sequence[float]], note: str | None = None
+) -> MetricValue:
     if min(len(generated), len(real)) < 2:
         return unavailable(f"FVD needs at least 2 clips per side, got {len(generated)}")
-    return {**available(fid_from_features(np.asarray(generated), np.asarray(real)), note),
-            "n": len(generated)}
+    return {**available(fid_from_features(np.asarray(generated), np.asarray(real)), note), "n": len(generated)}
 
 
 @_remember_failures
@@ -458,14 +486,16 @@ def _lpips_model(net: str, device: str):
         raise NetworkUnavailable(f"lpips needs the lpips package and torchvision ({error})") from error
     try:
         return lpips_package.LPIPS(net=net, spatial=True, verbose=False).to(device).eval()
-    except Exception as error:  # noqa: BLE001 - e.g. backbone weights not downloadable offline
-        raise NetworkUnavailable(f"lpips {net} weights did not load: {type(error).__name__}: "
-                                 f"{str(error)[:300]}") from error
+    except Exception as error:  # e.g. backbone weights not downloadable offline
+        raise NetworkUnavailable(
+            f"lpips {net} weights did not load: {type(error).__name__}: {str(error)[:300]}"
+        ) from error
 
 
 @torch.no_grad()
-def lpips(pred: np.ndarray, target: np.ndarray, masks: np.ndarray,
-          networks: MetricNetworks) -> tuple[MetricValue, MetricValue]:
+def lpips(
+    pred: np.ndarray, target: np.ndarray, masks: np.ndarray, networks: MetricNetworks
+) -> tuple[MetricValue, MetricValue]:
     """(whole frame, mask region) LPIPS of one video: the spatial map's mean, frame by frame."""
     if networks.lpips_net is None:
         reason = unavailable("no LPIPS network configured (MetricNetworks.lpips_net)")
@@ -478,16 +508,25 @@ def lpips(pred: np.ndarray, target: np.ndarray, masks: np.ndarray,
     def to_input(video: np.ndarray) -> torch.Tensor:  # LPIPS reads NCHW in [-1, 1]
         return torch.from_numpy(np.ascontiguousarray(video, np.float32)).permute(0, 3, 1, 2) * 2 - 1
 
-    distance_map = torch.cat([model(to_input(pred[t:t + 1]).to(networks.device),
-                                    to_input(target[t:t + 1]).to(networks.device)).cpu()
-                              for t in range(len(pred))])[:, 0].numpy()
+    distance_map = torch.cat(
+        [
+            model(to_input(pred[t : t + 1]).to(networks.device), to_input(target[t : t + 1]).to(networks.device)).cpu()
+            for t in range(len(pred))
+        ]
+    )[:, 0].numpy()
     return available(distance_map.mean()), available(distance_map[masks.astype(bool)].mean())
 
 
 # --------------------------------------------------------------------------- per clip, per split
 
-def evaluate_clip(generated: np.ndarray, real: np.ndarray, masks: np.ndarray,
-                  photos: Sequence[np.ndarray] = (), networks: MetricNetworks | None = None) -> dict:
+
+def evaluate_clip(
+    generated: np.ndarray,
+    real: np.ndarray,
+    masks: np.ndarray,
+    photos: Sequence[np.ndarray] = (),
+    networks: MetricNetworks | None = None,
+) -> dict:
     """Every metric of one clip: {name: MetricValue}, plus VIDEO_FEATURES for `aggregate`'s FVD.
 
     The warping errors are measured in the product region with the real clip's flow, for the
@@ -513,9 +552,11 @@ def evaluate_clip(generated: np.ndarray, real: np.ndarray, masks: np.ndarray,
             row[name] = unavailable(str(error))
     try:
         note = load_network("fvd", networks).note
-        row[VIDEO_FEATURES] = {"generated": video_features(generated, networks).tolist(),
-                               "real": video_features(real, networks).tolist(),
-                               **({"note": note} if note else {})}
+        row[VIDEO_FEATURES] = {
+            "generated": video_features(generated, networks).tolist(),
+            "real": video_features(real, networks).tolist(),
+            **({"note": note} if note else {}),
+        }
     except NetworkUnavailable as error:
         row[VIDEO_FEATURES] = unavailable(str(error))
     return row
@@ -541,16 +582,17 @@ def _mean_metric(values: list[MetricValue]) -> MetricValue:
 
 
 def _summarise(rows: list[dict]) -> dict[str, MetricValue]:
-    names = sorted({name for row in rows for name, value in row.items()
-                    if name != VIDEO_FEATURES and _is_metric(value)})
-    summary = {name: _mean_metric([row[name] for row in rows if _is_metric(row.get(name))])
-               for name in names}
+    names = sorted(
+        {name for row in rows for name, value in row.items() if name != VIDEO_FEATURES and _is_metric(value)}
+    )
+    summary = {name: _mean_metric([row[name] for row in rows if _is_metric(row.get(name))]) for name in names}
     features = [row.get(VIDEO_FEATURES) for row in rows]
     usable = [f for f in features if isinstance(f, Mapping) and "generated" in f]
     if usable:
         notes = {f["note"] for f in usable if "note" in f}
-        summary[FVD] = fvd_from_features([f["generated"] for f in usable], [f["real"] for f in usable],
-                                         "; ".join(sorted(notes)) or None)
+        summary[FVD] = fvd_from_features(
+            [f["generated"] for f in usable], [f["real"] for f in usable], "; ".join(sorted(notes)) or None
+        )
     elif any(isinstance(f, Mapping) for f in features):
         summary[FVD] = _mean_metric([f for f in features if _is_metric(f)])
     return summary
@@ -566,5 +608,7 @@ def aggregate(rows: Sequence[Mapping], by: str = "category") -> dict:
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(str(row[by]), []).append(row)
-    return {"overall": _summarise(rows),
-            f"by_{by}": {group: _summarise(members) for group, members in sorted(groups.items())}}
+    return {
+        "overall": _summarise(rows),
+        f"by_{by}": {group: _summarise(members) for group, members in sorted(groups.items())},
+    }

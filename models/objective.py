@@ -6,6 +6,7 @@ s' = shift s / (1 + (shift - 1) s): shift > 1 spends more steps at high noise, t
 sampler's flow_shift applies to its sigma grid, so training sees timesteps where sampling spends
 them. Latents are Wan-normalised: (z - latents_mean) / latents_std per channel.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -22,8 +23,9 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def sample_sigmas(batch_size: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_sigmas(
+    batch_size: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Noise levels s in (0, 1), one per sample, from the configured distribution, then shifted."""
     if cfg.timestep_sampling == "uniform":
         sigmas = torch.rand(batch_size, generator=generator, device=device)
@@ -33,8 +35,9 @@ def sample_sigmas(batch_size: int, cfg: ObjectiveConfig, generator: torch.Genera
     return shift_sigmas(sigmas, cfg.shift)
 
 
-def sample_condition_keep(batch_size: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None,
-                          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def sample_condition_keep(
+    batch_size: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample keep flags (keep_text, keep_product) in {0., 1.}: with drop_both_prob both
     conditions are dropped, with drop_product_prob only the product, with drop_text_prob only
     the text; so guidance has all three branches it uses (full, no product, neither)."""
@@ -59,12 +62,16 @@ class NoiseDraw:
     keep_text: torch.Tensor  # (B,) in {0., 1.}
     keep_product: torch.Tensor
 
-    def rows(self, part: slice) -> "NoiseDraw":
+    def rows(self, part: slice) -> NoiseDraw:
         return NoiseDraw(*(getattr(self, field.name)[part] for field in fields(self)))
 
 
-def draw_noise(shape: torch.Size | tuple[int, ...], cfg: ObjectiveConfig, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> NoiseDraw:
+def draw_noise(
+    shape: torch.Size | tuple[int, ...],
+    cfg: ObjectiveConfig,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> NoiseDraw:
     """Noise levels, noise and condition keep flags for a batch of latents of `shape`.
 
     A data-parallel rank draws them for the whole global batch and keeps its own rows
@@ -92,8 +99,9 @@ class LossParts:
     inside: torch.Tensor  # (B,) mean squared error inside the mask (NaN without mask)
     outside: torch.Tensor  # (B,) mean squared error outside it
 
-    def loss(self, cfg: ObjectiveConfig, flow_weight: torch.Tensor | None = None,
-             mask_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, cfg: ObjectiveConfig, flow_weight: torch.Tensor | None = None, mask_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """L_flow + mask_loss_weight * L_mask; the weights default to this batch's own sums."""
         flow_weight = self.flow_weight if flow_weight is None else flow_weight
         mask_weight = self.mask_weight if mask_weight is None else mask_weight
@@ -113,8 +121,9 @@ def loss_parts(spec, model, batch: dict, draw: NoiseDraw, cfg: ObjectiveConfig) 
     clean = batch["latents"].float()
     sigma = draw.sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - sigma) * clean + sigma * draw.noise
-    predicted = spec.predict(model, batch, noisy, draw.sigmas * NUM_TRAIN_TIMESTEPS, keep_text=draw.keep_text,
-                             keep_product=draw.keep_product)
+    predicted = spec.predict(
+        model, batch, noisy, draw.sigmas * NUM_TRAIN_TIMESTEPS, keep_text=draw.keep_text, keep_product=draw.keep_product
+    )
     squared_error = (predicted.float() - (draw.noise - clean)) ** 2
     masked = batch["packed_mask"].float().mean(dim=1, keepdim=True)  # (B, 1, T', h, w) masked fraction per cell
     weight = 1 + cfg.masked_region_weight * masked
@@ -123,12 +132,19 @@ def loss_parts(spec, model, batch: dict, draw: NoiseDraw, cfg: ObjectiveConfig) 
         cells = (1, 2, 3, 4)
         inside = (per_cell * masked).sum(cells) / masked.sum(cells)
         outside = (per_cell * (1 - masked)).sum(cells) / (1 - masked).sum(cells).clamp_min(1e-6)
-    return LossParts(flow_error=(squared_error * weight).sum(), flow_weight=weight.sum() * squared_error.shape[1],
-                     mask_error=(per_cell * masked).sum(), mask_weight=masked.sum(), inside=inside, outside=outside)
+    return LossParts(
+        flow_error=(squared_error * weight).sum(),
+        flow_weight=weight.sum() * squared_error.shape[1],
+        mask_error=(per_cell * masked).sum(),
+        mask_weight=masked.sum(),
+        inside=inside,
+        outside=outside,
+    )
 
 
-def flow_matching_loss(spec, model, batch: dict, cfg: ObjectiveConfig,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+def flow_matching_loss(
+    spec, model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """L_flow + mask_loss_weight * L_mask of one batch (models/spec.py's collated batch)."""
     clean = batch["latents"]
     return loss_parts(spec, model, batch, draw_noise(clean.shape, cfg, generator, clean.device), cfg).loss(cfg)

@@ -3,18 +3,20 @@
 The photos reach the DiT as reference latents (each one VAE-encoded on a grey canvas of the
 clip's size), as CLIP tokens through the product encoder, or both (model.reference). The masked
 region of the video the model sees is filled with grey (0 in [-1, 1], as Wan I2V and VACE) or
-black (model.masked_fill). Flow-matching sampler (UniPC or Euler with flow_shift, as Wan2.1 ships) with guidance over two
-conditions, VAE decode, then compositing in pixel space so pixels outside the mask are exactly
-the input's.
+black (model.masked_fill). Flow-matching sampler (UniPC or Euler with flow_shift, as Wan2.1
+ships) with guidance over two conditions, VAE decode, then compositing in pixel space so pixels
+outside the mask are exactly the input's.
 
 Guidance (three branches, batched in one forward):
     v = v(null text, no product)
         + g_text    * (v(text, no product) - v(null text, no product))
         + g_product * (v(text, product)    - v(text, no product))
 g_text = g_product = 1 gives the fully conditioned prediction. "No product" is K zero product
-tokens and no reference tokens (exactly the base model plus masked-video channels); the null text is the negative prompt's
-embeddings, or zero embeddings (the training dropout's null) when no negative prompt is given.
+tokens and no reference tokens (exactly the base model plus masked-video channels); the null text
+is the negative prompt's embeddings, or zero embeddings (the training dropout's null) when no
+negative prompt is given.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,23 +24,29 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
-                       UniPCMultistepScheduler)
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from models import speed
 from models.product_encoder import ProductEncoder, encode_product_images
-from models.transformer import (LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, ProductWanTransformer,
-                                build_dit_input, pack_mask)
+from models.transformer import (
+    LATENT_CHANNELS,
+    SPATIAL_FACTOR,
+    TEMPORAL_FACTOR,
+    ProductWanTransformer,
+    build_dit_input,
+    pack_mask,
+)
 
 
 def make_scheduler(kind: str, flow_shift: float):
     """'unipc' (what Wan2.1's diffusers repos ship) or 'euler' (FlowMatchEulerDiscrete), both on
     the shifted flow sigma grid."""
     if kind == "unipc":
-        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                       flow_shift=flow_shift, num_train_timesteps=1000)
+        return UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000
+        )
     if kind == "euler":
         return FlowMatchEulerDiscreteScheduler(shift=flow_shift, num_train_timesteps=1000)
     raise ValueError(f"unknown scheduler {kind!r} (unipc or euler)")
@@ -103,7 +111,7 @@ def photo_canvas(photo, height: int, width: int) -> torch.Tensor:
     rgba = F.interpolate(rgba[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
     canvas = torch.full((4, height, width), 0.0)
     top, left = (height - size[0]) // 2, (width - size[1]) // 2
-    canvas[:, top:top + size[0], left:left + size[1]] = rgba
+    canvas[:, top : top + size[0], left : left + size[1]] = rgba
     grey = FILL_VALUES["grey"]
     return canvas[:3] * canvas[3:] + grey * (1 - canvas[3:])
 
@@ -119,16 +127,29 @@ def encode_reference_photos(vae: AutoencoderKLWan, photos: list, height: int, wi
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int) -> torch.Tensor:
     """UMT5 embeddings (B, max_length, dim), zero after each prompt's last token, as Wan pads."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
     device = next(text_encoder.parameters()).device
     ids, attention = tokens.input_ids.to(device), tokens.attention_mask.to(device)
     hidden = text_encoder(ids, attention).last_hidden_state
     return hidden * attention.unsqueeze(-1).to(hidden.dtype)
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], negative_prompt: str | list[str] | None,
-                   max_length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    tokenizer,
+    text_encoder,
+    prompts: list[str],
+    negative_prompt: str | list[str] | None,
+    max_length: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt embeddings, null embeddings) for guidance: the null is the negative prompt's
     embeddings, or zeros (the training dropout's null) without one."""
     text = encode_text(tokenizer, text_encoder, prompts, max_length).to(dtype)
@@ -151,8 +172,9 @@ def feather(mask: torch.Tensor, feather_px: int) -> torch.Tensor:
     return torch.maximum(mask, blurred)
 
 
-def composite(generated: torch.Tensor, masked_video: torch.Tensor, mask: torch.Tensor,
-              feather_px: int = 0) -> torch.Tensor:
+def composite(
+    generated: torch.Tensor, masked_video: torch.Tensor, mask: torch.Tensor, feather_px: int = 0
+) -> torch.Tensor:
     """generated * alpha + masked_video * (1 - alpha), alpha = feather(mask). Where alpha is 0
     the output is masked_video bit for bit (never a recomputed blend)."""
     alpha = feather(mask.to(generated.dtype), feather_px)
@@ -167,12 +189,18 @@ def pad_photos(per_sample: list[torch.Tensor], count: int | None = None) -> tupl
     padded = per_sample[0].new_zeros(len(per_sample), most, *per_sample[0].shape[1:])
     mask = torch.zeros(len(per_sample), most, dtype=torch.bool, device=padded.device)
     for i, photos in enumerate(per_sample):
-        padded[i, :len(photos)], mask[i, :len(photos)] = photos, True
+        padded[i, : len(photos)], mask[i, : len(photos)] = photos, True
     return padded, mask
 
 
-def finish(vae: AutoencoderKLWan, latents: torch.Tensor, masked_video: torch.Tensor, mask: torch.Tensor,
-           feather_px: int, output_type: str):
+def finish(
+    vae: AutoencoderKLWan,
+    latents: torch.Tensor,
+    masked_video: torch.Tensor,
+    mask: torch.Tensor,
+    feather_px: int,
+    output_type: str,
+):
     """The end of a generation call: the latents themselves ("latent"), or decoded and composited
     over the masked video as (B, 3, T, H, W) float in [0, 1] ("pt") or (B, T, H, W, 3) uint8 ("np")."""
     if output_type == "latent":
@@ -201,24 +229,44 @@ class ProductVideoPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->image_encoder->product_encoder->transformer->vae"
     _optional_components = ["image_encoder", "image_processor", "product_encoder"]  # CLIP path only
 
-    def __init__(self, vae: AutoencoderKLWan, text_encoder: UMT5EncoderModel, tokenizer,
-                 transformer: ProductWanTransformer, scheduler, image_encoder: CLIPVisionModel | None = None,
-                 image_processor: CLIPImageProcessor | None = None, product_encoder: ProductEncoder | None = None,
-                 text_max_length: int = 512, max_product_images: int = 5, masked_fill: str = "grey"):
+    def __init__(
+        self,
+        vae: AutoencoderKLWan,
+        text_encoder: UMT5EncoderModel,
+        tokenizer,
+        transformer: ProductWanTransformer,
+        scheduler,
+        image_encoder: CLIPVisionModel | None = None,
+        image_processor: CLIPImageProcessor | None = None,
+        product_encoder: ProductEncoder | None = None,
+        text_max_length: int = 512,
+        max_product_images: int = 5,
+        masked_fill: str = "grey",
+    ):
         super().__init__()
         if transformer.uses_product_tokens and (image_encoder is None or product_encoder is None):
             raise ValueError(f"reference {transformer.config.reference!r} needs the image encoder and product encoder")
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              image_encoder=image_encoder, image_processor=image_processor,
-                              product_encoder=product_encoder, transformer=transformer, scheduler=scheduler)
-        self.register_to_config(text_max_length=text_max_length, max_product_images=max_product_images,
-                                masked_fill=masked_fill)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            image_encoder=image_encoder,
+            image_processor=image_processor,
+            product_encoder=product_encoder,
+            transformer=transformer,
+            scheduler=scheduler,
+        )
+        self.register_to_config(
+            text_max_length=text_max_length, max_product_images=max_product_images, masked_fill=masked_fill
+        )
 
     def _check_inputs(self, masked_video, mask, product_images, prompts):
         batch, channels, frames, height, width = masked_video.shape
         if channels != 3 or mask.shape != (batch, 1, frames, height, width):
-            raise ValueError(f"masked_video must be (B, 3, T, H, W) and mask (B, 1, T, H, W); got "
-                             f"{tuple(masked_video.shape)} and {tuple(mask.shape)}")
+            raise ValueError(
+                f"masked_video must be (B, 3, T, H, W) and mask (B, 1, T, H, W); got "
+                f"{tuple(masked_video.shape)} and {tuple(mask.shape)}"
+            )
         multiple = SPATIAL_FACTOR * self.transformer.wan.config.patch_size[1]
         if (frames - 1) % TEMPORAL_FACTOR or height % multiple or width % multiple:
             raise ValueError(f"need 4k+1 frames and H, W divisible by {multiple}; got {frames}x{height}x{width}")
@@ -234,8 +282,9 @@ class ProductVideoPipeline(DiffusionPipeline):
         product = references = photo_mask = None
         if self.transformer.uses_product_tokens:  # CLIP sees a product page's white behind a cut-out
             on_white = [[flatten_alpha(photo, 1.0) for photo in photos] for photos in product_images]
-            image_tokens, image_mask = encode_product_images(self.image_encoder, self.image_processor, on_white,
-                                                             self.config.max_product_images)
+            image_tokens, image_mask = encode_product_images(
+                self.image_encoder, self.image_processor, on_white, self.config.max_product_images
+            )
             product = self.product_encoder(image_tokens.to(self.product_encoder.dtype), image_mask).to(dtype)
         if self.transformer.uses_reference_latents:
             encoded = [encode_reference_photos(self.vae, photos, *size) for photos in product_images]
@@ -244,11 +293,22 @@ class ProductVideoPipeline(DiffusionPipeline):
         return product, references, photo_mask
 
     @torch.no_grad()
-    def __call__(self, masked_video: torch.Tensor, mask: torch.Tensor, product_images: list, prompt: str | list[str],
-                 negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
-                 text_guidance_scale: float = 5.0, product_guidance_scale: float = 3.0,
-                 generator: torch.Generator | None = None, feather_px: int = 0, output_type: str = "pt",
-                 callback: Callable[[int, int], None] | None = None, attention_backend: str = "cudnn"):
+    def __call__(
+        self,
+        masked_video: torch.Tensor,
+        mask: torch.Tensor,
+        product_images: list,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        text_guidance_scale: float = 5.0,
+        product_guidance_scale: float = 3.0,
+        generator: torch.Generator | None = None,
+        feather_px: int = 0,
+        output_type: str = "pt",
+        callback: Callable[[int, int], None] | None = None,
+        attention_backend: str = "cudnn",
+    ):
         """masked_video (B, 3, T, H, W) in [0, 1], T = 4k+1; mask (B, 1, T, H, W), 1 = put the
         product here; product_images: per sample a list of 1-5 PIL images / uint8 arrays.
         Returns (B, 3, T, H, W) float in [0, 1] ("pt"), (B, T, H, W, 3) uint8 ("np"), or the
@@ -257,12 +317,36 @@ class ProductVideoPipeline(DiffusionPipeline):
         (PyTorch's order), see models/speed.py; compilation and the step cache are set on the
         transformer (models.speed.apply_generation_speed)."""
         with speed.attention(attention_backend, self._execution_device):
-            return self._generate(masked_video, mask, product_images, prompt, negative_prompt, num_inference_steps,
-                                  text_guidance_scale, product_guidance_scale, generator, feather_px, output_type,
-                                  callback)
+            return self._generate(
+                masked_video,
+                mask,
+                product_images,
+                prompt,
+                negative_prompt,
+                num_inference_steps,
+                text_guidance_scale,
+                product_guidance_scale,
+                generator,
+                feather_px,
+                output_type,
+                callback,
+            )
 
-    def _generate(self, masked_video, mask, product_images, prompt, negative_prompt, num_inference_steps,
-                  text_guidance_scale, product_guidance_scale, generator, feather_px, output_type, callback):
+    def _generate(
+        self,
+        masked_video,
+        mask,
+        product_images,
+        prompt,
+        negative_prompt,
+        num_inference_steps,
+        text_guidance_scale,
+        product_guidance_scale,
+        generator,
+        feather_px,
+        output_type,
+        callback,
+    ):
         prompts = [prompt] * masked_video.shape[0] if isinstance(prompt, str) else list(prompt)
         self._check_inputs(masked_video, mask, product_images, prompts)
         device, dtype = self._execution_device, self.transformer.dtype
@@ -273,8 +357,9 @@ class ProductVideoPipeline(DiffusionPipeline):
 
         masked_latents = encode_video(self.vae, known)
         packed_mask = pack_mask(mask, masked_latents.shape[-2:])
-        text, null_text = encode_prompts(self.tokenizer, self.text_encoder, prompts, negative_prompt,
-                                         self.config.text_max_length, dtype)
+        text, null_text = encode_prompts(
+            self.tokenizer, self.text_encoder, prompts, negative_prompt, self.config.text_max_length, dtype
+        )
         product, references, photo_mask = self._encode_photos(product_images, masked_video.shape[-2:], dtype)
 
         # Branch order: full, no product, neither; only those the scales need.
@@ -286,14 +371,17 @@ class ProductVideoPipeline(DiffusionPipeline):
         branch_text = torch.cat([t for t, _ in branches])
         keep = torch.tensor([float(with_product) for _, with_product in branches], device=device)
         keep = keep.repeat_interleave(batch)
-        branch_product = None if product is None else product.repeat(len(branches), 1, 1) * keep.view(-1, 1, 1).to(dtype)
+        branch_product = (
+            None if product is None else product.repeat(len(branches), 1, 1) * keep.view(-1, 1, 1).to(dtype)
+        )
         branch_references = branch_keys = None
         if references is not None:
             branch_references = references.repeat(len(branches), 1, 1, 1, 1)
             branch_keys = photo_mask.repeat(len(branches), 1) & keep.view(-1, 1).bool()
 
-        latents = randn_tensor((batch, LATENT_CHANNELS, *masked_latents.shape[2:]), generator=generator,
-                               device=device, dtype=torch.float32)
+        latents = randn_tensor(
+            (batch, LATENT_CHANNELS, *masked_latents.shape[2:]), generator=generator, device=device, dtype=torch.float32
+        )
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self.transformer.reset_step_cache()  # a step cache compares with the previous step of this call only
@@ -301,8 +389,15 @@ class ProductVideoPipeline(DiffusionPipeline):
             dit_input = build_dit_input(latents, masked_latents, packed_mask).to(dtype)
             dit_input = dit_input.repeat(len(branches), 1, 1, 1, 1)
             with self.transformer.wan.cache_context("guided"):  # all branches are one batch, one cache
-                velocity = self.transformer(dit_input, t.expand(dit_input.shape[0]), branch_text, branch_product,
-                                            branch_references, branch_keys, return_dict=False)[0].float()
+                velocity = self.transformer(
+                    dit_input,
+                    t.expand(dit_input.shape[0]),
+                    branch_text,
+                    branch_product,
+                    branch_references,
+                    branch_keys,
+                    return_dict=False,
+                )[0].float()
             parts = list(velocity.chunk(len(branches))) + [None] * (3 - len(branches))
             guided = combine_guidance(*parts, text_scale=text_guidance_scale, product_scale=product_guidance_scale)
             latents = self.scheduler.step(guided, t, latents, return_dict=False)[0]

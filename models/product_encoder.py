@@ -6,6 +6,7 @@ runs outside this module: training reads precomputed tokens, inference calls
 queries cross-attend over the tokens of all given images at once, then LayerNorm and a projection
 to the DiT width. It has no view embedding, so it treats the photos as an unordered set.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,13 +43,14 @@ class ProductEncoder(ModelMixin, ConfigMixin):
         if image_mask.shape != (batch, num_images):
             raise ValueError(f"image_mask shape {tuple(image_mask.shape)} != {(batch, num_images)}")
         if not bool(image_mask.any(dim=1).all()):
-            raise ValueError("every sample needs at least one product image (the null product is "
-                             "expressed by zero product tokens, not by zero images)")
+            raise ValueError(
+                "every sample needs at least one product image (the null product is "
+                "expressed by zero product tokens, not by zero images)"
+            )
         keys = self.input_norm(self.input_proj(image_tokens.flatten(1, 2)))
         key_padding_mask = ~image_mask.bool().repeat_interleave(tokens_per_image, dim=1)
         queries = self.query_tokens.unsqueeze(0).expand(batch, -1, -1).to(keys.dtype)
-        attended, _ = self.cross_attn(queries, keys, keys, key_padding_mask=key_padding_mask,
-                                      need_weights=False)
+        attended, _ = self.cross_attn(queries, keys, keys, key_padding_mask=key_padding_mask, need_weights=False)
         return self.proj_out(self.norm(attended + queries))
 
 
@@ -63,8 +65,11 @@ def encode_product_images(image_encoder, image_processor, images_per_sample, max
     counts = [len(images) for images in images_per_sample]
     if not counts or min(counts) < 1 or max(counts) > max_images:
         raise ValueError(f"each sample needs 1..{max_images} product images, got counts {counts}")
-    flat = [np.asarray(image) if not hasattr(image, "convert") else image.convert("RGB")
-            for images in images_per_sample for image in images]
+    flat = [
+        np.asarray(image) if not hasattr(image, "convert") else image.convert("RGB")
+        for images in images_per_sample
+        for image in images
+    ]
     device = next(image_encoder.parameters()).device
     dtype = next(image_encoder.parameters()).dtype
     pixels = image_processor(images=flat, return_tensors="pt")["pixel_values"].to(device, dtype)
@@ -73,7 +78,7 @@ def encode_product_images(image_encoder, image_processor, images_per_sample, max
     mask = torch.zeros(len(counts), max(counts), dtype=torch.bool, device=device)
     start = 0
     for sample, count in enumerate(counts):
-        tokens[sample, :count] = hidden[start:start + count]
+        tokens[sample, :count] = hidden[start : start + count]
         mask[sample, :count] = True
         start += count
     return tokens, mask

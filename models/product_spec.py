@@ -11,6 +11,7 @@ embedding, the gated reference attention's gates and LoRA, the product cross-att
 encoder); `full` adds every DiT block; `scratch` trains every weight (a DiT from random init, whose
 time / text embedders and output head are random too).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,12 +25,19 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from models import speed
-from models.pipeline import (ProductVideoPipeline, encode_reference_photos, encode_text, encode_video, fill_masked,
-                             flatten_alpha, make_scheduler, pad_photos)
+from models.pipeline import (
+    ProductVideoPipeline,
+    encode_reference_photos,
+    encode_text,
+    encode_video,
+    fill_masked,
+    flatten_alpha,
+    make_scheduler,
+    pad_photos,
+)
 from models.product_encoder import ProductEncoder, encode_product_images
 from models.spec import ModelSpecification, check_stage
-from models.transformer import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ProductVideoGenerator,
-                                pack_mask)
+from models.transformer import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ProductVideoGenerator, pack_mask
 
 CLIP_KEYS = ("latents", "masked_latents", "packed_mask", "text_embeds")
 
@@ -62,29 +70,37 @@ class ProductSpecification(ModelSpecification):
         return AutoencoderKLWan.from_pretrained(self.cfg.base_model, subfolder="vae", torch_dtype=torch.float32)
 
     def _text_encoder(self, dtype) -> tuple[object, UMT5EncoderModel]:
-        return (AutoTokenizer.from_pretrained(self.cfg.base_model, subfolder="tokenizer"),
-                UMT5EncoderModel.from_pretrained(self.cfg.base_model, subfolder="text_encoder", dtype=dtype))
+        return (
+            AutoTokenizer.from_pretrained(self.cfg.base_model, subfolder="tokenizer"),
+            UMT5EncoderModel.from_pretrained(self.cfg.base_model, subfolder="text_encoder", dtype=dtype),
+        )
 
     def _image_encoder(self, dtype) -> tuple[CLIPVisionModel | None, CLIPImageProcessor | None]:
         if not self.uses_clip:
             return None, None
         cfg = self.cfg
-        return (CLIPVisionModel.from_pretrained(cfg.image_encoder, subfolder=cfg.image_encoder_subfolder, dtype=dtype),
-                CLIPImageProcessor.from_pretrained(cfg.image_encoder, subfolder=cfg.image_processor_subfolder))
+        return (
+            CLIPVisionModel.from_pretrained(cfg.image_encoder, subfolder=cfg.image_encoder_subfolder, dtype=dtype),
+            CLIPImageProcessor.from_pretrained(cfg.image_encoder, subfolder=cfg.image_processor_subfolder),
+        )
 
     # -- precompute ---------------------------------------------------------------------------
 
     def load_encoders(self, device: torch.device, dtype: torch.dtype) -> ProductEncoders:
         tokenizer, text_encoder = self._text_encoder(dtype)
         image_encoder, image_processor = self._image_encoder(dtype)
-        return ProductEncoders(vae=self._vae().to(device).eval(), tokenizer=tokenizer,
-                               text_encoder=text_encoder.to(device).eval(),
-                               image_encoder=None if image_encoder is None else image_encoder.to(device).eval(),
-                               image_processor=image_processor)
+        return ProductEncoders(
+            vae=self._vae().to(device).eval(),
+            tokenizer=tokenizer,
+            text_encoder=text_encoder.to(device).eval(),
+            image_encoder=None if image_encoder is None else image_encoder.to(device).eval(),
+            image_processor=image_processor,
+        )
 
     @torch.no_grad()
-    def encode_clip(self, encoders: ProductEncoders, video: torch.Tensor, mask: torch.Tensor,
-                    prompt: str) -> dict[str, torch.Tensor]:
+    def encode_clip(
+        self, encoders: ProductEncoders, video: torch.Tensor, mask: torch.Tensor, prompt: str
+    ) -> dict[str, torch.Tensor]:
         device = next(encoders.vae.parameters()).device
         both = torch.stack([video, fill_masked(video, mask, self.cfg.masked_fill)]).to(device)
         latents, masked_latents = encode_video(encoders.vae, both)
@@ -94,12 +110,17 @@ class ProductSpecification(ModelSpecification):
         return {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
 
     @torch.no_grad()
-    def encode_product(self, encoders: ProductEncoders, photos: list[np.ndarray], height: int,
-                       width: int) -> dict[str, torch.Tensor]:
+    def encode_product(
+        self, encoders: ProductEncoders, photos: list[np.ndarray], height: int, width: int
+    ) -> dict[str, torch.Tensor]:
         tensors = {}
         if self.uses_clip:  # CLIP sees a product page's white behind a cut-out
-            tokens, _ = encode_product_images(encoders.image_encoder, encoders.image_processor,
-                                              [[flatten_alpha(photo, 1.0) for photo in photos]], len(photos))
+            tokens, _ = encode_product_images(
+                encoders.image_encoder,
+                encoders.image_processor,
+                [[flatten_alpha(photo, 1.0) for photo in photos]],
+                len(photos),
+            )
             tensors["image_tokens"] = tokens[0]
         if self.uses_reference_latents:
             tensors["reference_latents"] = encode_reference_photos(encoders.vae, photos, height, width)
@@ -130,14 +151,29 @@ class ProductSpecification(ModelSpecification):
             return adapter
         return adapter | {name for name in names if name.startswith("transformer.wan.blocks.")}
 
-    def predict(self, generator: nn.Module, batch: dict[str, torch.Tensor], noisy_latents: torch.Tensor,
-                timestep: torch.Tensor, keep_text: torch.Tensor | None = None,
-                keep_product: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        generator: nn.Module,
+        batch: dict[str, torch.Tensor],
+        noisy_latents: torch.Tensor,
+        timestep: torch.Tensor,
+        keep_text: torch.Tensor | None = None,
+        keep_product: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         photo_mask = batch.get("photo_mask")
-        return generator(noisy_latents, batch["masked_latents"], batch["packed_mask"], timestep, batch["text_embeds"],
-                         image_tokens=batch.get("image_tokens"), image_mask=photo_mask,
-                         reference_latents=batch.get("reference_latents"), photo_mask=photo_mask,
-                         keep_text=keep_text, keep_product=keep_product)
+        return generator(
+            noisy_latents,
+            batch["masked_latents"],
+            batch["packed_mask"],
+            timestep,
+            batch["text_embeds"],
+            image_tokens=batch.get("image_tokens"),
+            image_mask=photo_mask,
+            reference_latents=batch.get("reference_latents"),
+            photo_mask=photo_mask,
+            keep_text=keep_text,
+            keep_product=keep_product,
+        )
 
     # -- the trained folder -------------------------------------------------------------------
 
@@ -156,24 +192,37 @@ class ProductSpecification(ModelSpecification):
         weights = load_file(str(folder / "transformer" / ADAPTER_WEIGHTS_NAME))
         expected = set(generator.transformer.adapter_parameter_names())
         if set(weights) != expected:
-            raise ValueError(f"{folder}: adapter weights do not match the model of this config: missing "
-                             f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+            raise ValueError(
+                f"{folder}: adapter weights do not match the model of this config: missing "
+                f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}"
+            )
         generator.transformer.load_state_dict(weights, strict=False)
         if generator.product_encoder is not None:
-            generator.product_encoder = ProductEncoder.from_pretrained(folder, subfolder="product_encoder",
-                                                                       torch_dtype=torch_dtype)
+            generator.product_encoder = ProductEncoder.from_pretrained(
+                folder, subfolder="product_encoder", torch_dtype=torch_dtype
+            )
         return generator
 
     def _check_matches(self, generator: ProductVideoGenerator, folder: Path) -> None:
         """A full save carries its own config: it must be the generator this config describes."""
         cfg, found = self.cfg, generator.transformer.config
-        pairs = {name: (found[name], getattr(cfg, name)) for name in (
-            "reference", "reference_attention", "reference_lora_rank", "num_product_tokens", "inject_layers",
-            "product_attention_heads")}
+        pairs = {
+            name: (found[name], getattr(cfg, name))
+            for name in (
+                "reference",
+                "reference_attention",
+                "reference_lora_rank",
+                "num_product_tokens",
+                "inject_layers",
+                "product_attention_heads",
+            )
+        }
         if generator.product_encoder is not None:
             encoder = generator.product_encoder.config
-            pairs |= {"product_hidden_dim": (encoder.hidden_dim, cfg.product_hidden_dim),
-                      "product_num_heads": (encoder.num_heads, cfg.product_num_heads)}
+            pairs |= {
+                "product_hidden_dim": (encoder.hidden_dim, cfg.product_hidden_dim),
+                "product_num_heads": (encoder.num_heads, cfg.product_num_heads),
+            }
         differences = [f"{name}: weights {a!r} vs config {b!r}" for name, (a, b) in pairs.items() if a != b]
         if differences:
             raise ValueError(f"{folder} holds a generator of another config ({'; '.join(differences)})")
@@ -184,17 +233,29 @@ class ProductSpecification(ModelSpecification):
         tokenizer, text_encoder = self._text_encoder(torch_dtype)
         image_encoder, image_processor = self._image_encoder(torch_dtype)
         return ProductVideoPipeline(
-            vae=self._vae(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=generator.transformer,
-            scheduler=make_scheduler(self.cfg.sampler.scheduler, self.cfg.flow_shift), image_encoder=image_encoder,
-            image_processor=image_processor, product_encoder=generator.product_encoder,
-            text_max_length=self.cfg.text_max_length, max_product_images=self.cfg.max_product_images,
-            masked_fill=self.cfg.masked_fill)
+            vae=self._vae(),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=generator.transformer,
+            scheduler=make_scheduler(self.cfg.sampler.scheduler, self.cfg.flow_shift),
+            image_encoder=image_encoder,
+            image_processor=image_processor,
+            product_encoder=generator.product_encoder,
+            text_max_length=self.cfg.text_max_length,
+            max_product_images=self.cfg.max_product_images,
+            masked_fill=self.cfg.masked_fill,
+        )
 
-    def speed_up_training(self, generator: nn.Module, checkpointing: str, compile_blocks: bool,
-                          device: torch.device) -> None:
+    def speed_up_training(
+        self, generator: nn.Module, checkpointing: str, compile_blocks: bool, device: torch.device
+    ) -> None:
         speed.apply_training_speed(generator.transformer, checkpointing, compile_blocks, device)
 
-    def speed_up_generation(self, pipeline: ProductVideoPipeline, compile_blocks: bool,
-                            step_cache_threshold: float | None, device: torch.device | str) -> None:
+    def speed_up_generation(
+        self,
+        pipeline: ProductVideoPipeline,
+        compile_blocks: bool,
+        step_cache_threshold: float | None,
+        device: torch.device | str,
+    ) -> None:
         speed.apply_generation_speed(pipeline.transformer, compile_blocks, step_cache_threshold, device)
-

@@ -18,6 +18,7 @@ A specification answers:
 Backends: `product` (models/product_spec.py: the Wan2.1 T2V DiT with reference latents and/or the
 CLIP product adapter) and `vace` (models/vace.py: diffusers' Wan2.1-VACE).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -50,13 +51,16 @@ class ModelSpecification(ABC):
         a missing weight raises OSError/ValueError naming what to download."""
 
     @abstractmethod
-    def encode_clip(self, encoders: Any, video: torch.Tensor, mask: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
+    def encode_clip(
+        self, encoders: Any, video: torch.Tensor, mask: torch.Tensor, prompt: str
+    ) -> dict[str, torch.Tensor]:
         """A clip window (video (3, T, H, W) in [0, 1], mask (1, T, H, W) in {0, 1}, the prompt) ->
         the tensors training reads for it (on the CPU)."""
 
     @abstractmethod
-    def encode_product(self, encoders: Any, photos: list[np.ndarray], height: int,
-                       width: int) -> dict[str, torch.Tensor]:
+    def encode_product(
+        self, encoders: Any, photos: list[np.ndarray], height: int, width: int
+    ) -> dict[str, torch.Tensor]:
         """A product's photos (RGBA or RGB uint8 cut-outs) -> its stored tensors, each with the
         photos as first dimension; encoded once per product and shared by its clips."""
 
@@ -77,9 +81,15 @@ class ModelSpecification(ABC):
         """Parameter names (as generator.named_parameters()) that train in `stage` (STAGE_NAMES)."""
 
     @abstractmethod
-    def predict(self, generator: nn.Module, batch: dict[str, torch.Tensor], noisy_latents: torch.Tensor,
-                timestep: torch.Tensor, keep_text: torch.Tensor | None = None,
-                keep_product: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        generator: nn.Module,
+        batch: dict[str, torch.Tensor],
+        noisy_latents: torch.Tensor,
+        timestep: torch.Tensor,
+        keep_text: torch.Tensor | None = None,
+        keep_product: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The predicted velocity for the video latents only (B, 16, T', h, w); keep_* (B,) in
         {0, 1} drop a sample's text / product condition (the nulls of guidance)."""
 
@@ -107,13 +117,15 @@ class ModelSpecification(ABC):
     # -- speed (models/speed.py, docs/performance.md) -----------------------------------------
 
     @abstractmethod
-    def speed_up_training(self, generator: nn.Module, checkpointing: str, compile_blocks: bool,
-                          device: torch.device) -> None:
+    def speed_up_training(
+        self, generator: nn.Module, checkpointing: str, compile_blocks: bool, device: torch.device
+    ) -> None:
         """Activation checkpointing ("selective" / "full" / "none") and compiled blocks (CUDA)."""
 
     @abstractmethod
-    def speed_up_generation(self, pipeline, compile_blocks: bool, step_cache_threshold: float | None,
-                            device: torch.device | str) -> None:
+    def speed_up_generation(
+        self, pipeline, compile_blocks: bool, step_cache_threshold: float | None, device: torch.device | str
+    ) -> None:
         """Compiled blocks (CUDA) and, where the backend allows it, a step cache."""
 
 
@@ -134,6 +146,8 @@ def specification(cfg: ModelConfig) -> ModelSpecification:
     """The specification of a resolved model config's backend."""
     if cfg.backend == "vace":
         from models.vace import VaceSpecification
+
         return VaceSpecification(cfg)
     from models.product_spec import ProductSpecification
+
     return ProductSpecification(cfg)

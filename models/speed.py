@@ -22,6 +22,7 @@ Measured against plain diffusers by benchmarks/bench_gpu.py (docs/performance.md
   their last residual reused. It changes the output: at the default 0.2 the PoC model lost
   0.02 dB of mask PSNR (experiments/poc/step_cache.py measures it on any trained model).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,11 +38,16 @@ from models.transformer import ProductWanTransformer
 
 ATTENTION_BACKENDS = ("cudnn", "default")
 
-_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                SDPBackend.MATH]
-_ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"))
+_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_ATTENTION_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+)
 
 
 def attention(backend: str, device: torch.device | str):
@@ -59,8 +65,12 @@ def _keep_attention_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 def selective_checkpoint(function, *args):
     """torch.utils.checkpoint that keeps the attention outputs and recomputes the rest."""
-    return checkpoint(function, *args, use_reentrant=False,
-                      context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_attention_outputs))
+    return checkpoint(
+        function,
+        *args,
+        use_reentrant=False,
+        context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_attention_outputs),
+    )
 
 
 def full_checkpoint(function, *args):
@@ -91,8 +101,9 @@ def compiled_block_call(function, one_clip_function):
     return call
 
 
-def apply_training_speed(transformer: ProductWanTransformer, checkpointing: str, compile_blocks: bool,
-                         device: torch.device | str) -> None:
+def apply_training_speed(
+    transformer: ProductWanTransformer, checkpointing: str, compile_blocks: bool, device: torch.device | str
+) -> None:
     """Route the training forward of every Wan block through `checkpointing`, compiled on CUDA
     when `compile_blocks` (through diffusers' gradient-checkpointing hook, which the block loop
     calls only while gradients are on: evaluation and sampling stay eager)."""
@@ -108,8 +119,12 @@ def apply_training_speed(transformer: ProductWanTransformer, checkpointing: str,
     transformer.wan.enable_gradient_checkpointing(function)
 
 
-def apply_generation_speed(transformer: ProductWanTransformer, compile_blocks: bool,
-                           step_cache_threshold: float | None, device: torch.device | str) -> None:
+def apply_generation_speed(
+    transformer: ProductWanTransformer,
+    compile_blocks: bool,
+    step_cache_threshold: float | None,
+    device: torch.device | str,
+) -> None:
     """Compile the Wan blocks (CUDA) and/or enable diffusers' First Block Cache on them."""
     if step_cache_threshold is not None:
         transformer.wan.enable_cache(FirstBlockCacheConfig(threshold=step_cache_threshold))

@@ -26,6 +26,7 @@ The null product condition is K zero tokens: product key/value/output projection
 and the q/k/output norms are RMSNorms, so zero tokens contribute exactly zero, and the
 "no product" branch of guidance is the base model with the masked-video channels.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,9 @@ def pack_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
 
 def build_dit_input(noisy_latents, masked_latents, packed_mask) -> torch.Tensor:
     """concat([z_t, z_masked, packed mask]) on channels: (B, 36, T', h, w)."""
-    return torch.cat([noisy_latents, masked_latents.to(noisy_latents.dtype),
-                      packed_mask.to(noisy_latents.dtype)], dim=1)
+    return torch.cat(
+        [noisy_latents, masked_latents.to(noisy_latents.dtype), packed_mask.to(noisy_latents.dtype)], dim=1
+    )
 
 
 class ProductAttnProcessor(nn.Module):
@@ -108,8 +110,8 @@ class ProductAttnProcessor(nn.Module):
         return self.norm_out(self.to_out(attended.type_as(hidden_states)))
 
     def forward(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, rotary_emb=None):
-        text = encoder_hidden_states[:, :-self.num_product_tokens]
-        product = encoder_hidden_states[:, -self.num_product_tokens:]
+        text = encoder_hidden_states[:, : -self.num_product_tokens]
+        product = encoder_hidden_states[:, -self.num_product_tokens :]
         text_out = self.text_processor(attn, hidden_states, text, attention_mask, rotary_emb)
         return text_out + self.gate * self.product_attention(hidden_states, product)
 
@@ -128,8 +130,9 @@ def apply_rotary_emb(states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: t
 def _attend(query, key, value, key_mask=None) -> torch.Tensor:
     """SDPA on (B, L, heads, d) tensors; key_mask (B, L_k) bool, True = attend."""
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                         attn_mask=mask)
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+    )
     return out.transpose(1, 2)
 
 
@@ -236,11 +239,14 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
         reference / reference_attention / reference_lora_rank: models.config.ModelConfig's."""
         super().__init__()
         if wan_config.get("added_kv_proj_dim") or wan_config.get("image_dim"):
-            raise ValueError("base must be a Wan text-to-video transformer (no image context); "
-                             "I2V checkpoints pack their own image tokens into attn2")
+            raise ValueError(
+                "base must be a Wan text-to-video transformer (no image context); "
+                "I2V checkpoints pack their own image tokens into attn2"
+            )
         if wan_config.get("in_channels", LATENT_CHANNELS) != LATENT_CHANNELS:
-            raise ValueError(f"base transformer must take {LATENT_CHANNELS} input channels, "
-                             f"got {wan_config.get('in_channels')}")
+            raise ValueError(
+                f"base transformer must take {LATENT_CHANNELS} input channels, got {wan_config.get('in_channels')}"
+            )
         if reference not in ("latents", "clip", "both"):
             raise ValueError(f"reference must be latents, clip or both, got {reference!r}")
         self.wan = WanTransformer3DModel.from_config(wan_config)
@@ -271,38 +277,64 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
     def _attach_product_layers(self):
         """Widen the patch embedding (new channels zero) and install the reference / product processors."""
         old = self.wan.patch_embedding
-        widened = nn.Conv3d(old.in_channels + CONDITION_CHANNELS, old.out_channels, old.kernel_size,
-                            stride=old.stride, device=old.weight.device, dtype=old.weight.dtype)
+        widened = nn.Conv3d(
+            old.in_channels + CONDITION_CHANNELS,
+            old.out_channels,
+            old.kernel_size,
+            stride=old.stride,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
+        )
         with torch.no_grad():
             widened.weight.zero_()
-            widened.weight[:, :old.in_channels].copy_(old.weight)
+            widened.weight[:, : old.in_channels].copy_(old.weight)
             widened.bias.copy_(old.bias)
         self.wan.patch_embedding = widened
         self.wan.register_to_config(in_channels=widened.in_channels)
         if self.uses_reference_latents:
             for block in self.wan.blocks:
-                processor = ReferenceAttnProcessor(self.config.reference_attention, self.inner_dim,
-                                                   self.wan.config.num_attention_heads, self.config.reference_lora_rank)
+                processor = ReferenceAttnProcessor(
+                    self.config.reference_attention,
+                    self.inner_dim,
+                    self.wan.config.num_attention_heads,
+                    self.config.reference_lora_rank,
+                )
                 block.attn1.set_processor(processor.to(old.weight.device, old.weight.dtype))
         if not self.uses_product_tokens:
             return
         heads = self.config.product_attention_heads or self.wan.config.num_attention_heads
         for index in self.injected_layers:
-            processor = ProductAttnProcessor(self.inner_dim, heads, self.wan.config.attention_head_dim,
-                                             self.config.num_product_tokens, eps=self.wan.config.eps)
+            processor = ProductAttnProcessor(
+                self.inner_dim,
+                heads,
+                self.wan.config.attention_head_dim,
+                self.config.num_product_tokens,
+                eps=self.wan.config.eps,
+            )
             self.wan.blocks[index].attn2.set_processor(processor.to(old.weight.device, old.weight.dtype))
 
     @classmethod
-    def from_base(cls, base_model: str, num_product_tokens: int = 64, inject_layers="all",
-                  product_attention_heads: int | None = None, torch_dtype: torch.dtype | None = None,
-                  **reference) -> "ProductWanTransformer":
+    def from_base(
+        cls,
+        base_model: str,
+        num_product_tokens: int = 64,
+        inject_layers="all",
+        product_attention_heads: int | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **reference,
+    ) -> ProductWanTransformer:
         """Load Wan from a diffusers repo/folder (subfolder transformer/) and add fresh product
         layers; `reference` holds the reference* arguments of __init__."""
         wan = WanTransformer3DModel.from_pretrained(base_model, subfolder="transformer", torch_dtype=torch_dtype)
         with torch.device("meta"):  # the skeleton's own Wan is replaced at once: don't allocate it
-            model = cls(wan_config=_public_config(wan.config), num_product_tokens=num_product_tokens,
-                        inject_layers=inject_layers, product_attention_heads=product_attention_heads,
-                        base_model=str(base_model), **reference)
+            model = cls(
+                wan_config=_public_config(wan.config),
+                num_product_tokens=num_product_tokens,
+                inject_layers=inject_layers,
+                product_attention_heads=product_attention_heads,
+                base_model=str(base_model),
+                **reference,
+            )
         model.wan = wan
         model._attach_product_layers()
         return model
@@ -310,7 +342,9 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
     def product_gate_magnitude(self) -> float:
         """Mean |gate| over the injected blocks' product attentions: 0 while the product branch
         is closed (as at initialisation), growing as training lets the photos in."""
-        gates = [self.wan.blocks[i].attn2.processor.gate for i in self.injected_layers] if self.uses_product_tokens else []
+        gates = (
+            [self.wan.blocks[i].attn2.processor.gate for i in self.injected_layers] if self.uses_product_tokens else []
+        )
         return float(torch.cat([g.detach().abs().flatten().float() for g in gates]).mean()) if gates else 0.0
 
     def reference_gate_magnitude(self) -> float | None:
@@ -326,8 +360,11 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
 
     def adapter_parameter_names(self) -> list[str]:
         """Names of the weights the base checkpoint does not have (what a stage-1 adapter holds)."""
-        return [name for name, _ in self.named_parameters()
-                if name.startswith("wan.patch_embedding.") or ".processor." in name]
+        return [
+            name
+            for name, _ in self.named_parameters()
+            if name.startswith("wan.patch_embedding.") or ".processor." in name
+        ]
 
     def save_adapter(self, folder: str | Path) -> None:
         """Save only the new weights + a config naming the base: megabytes, not gigabytes."""
@@ -336,8 +373,10 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
-        save_file({name: state[name].contiguous() for name in self.adapter_parameter_names()},
-                  str(folder / ADAPTER_WEIGHTS_NAME))
+        save_file(
+            {name: state[name].contiguous() for name in self.adapter_parameter_names()},
+            str(folder / ADAPTER_WEIGHTS_NAME),
+        )
         config = {key: value for key, value in _public_config(self.config).items() if key != "wan_config"}
         (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
@@ -354,13 +393,23 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
         weights = load_file(str(folder / ADAPTER_WEIGHTS_NAME))
         expected = set(model.adapter_parameter_names())
         if set(weights) != expected:
-            raise ValueError(f"{folder}: adapter weights do not match this model: missing "
-                             f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+            raise ValueError(
+                f"{folder}: adapter weights do not match this model: missing "
+                f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}"
+            )
         model.load_state_dict(weights, strict=False)
         return model
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, product_tokens=None, reference_latents=None,
-                reference_keys=None, return_dict: bool = True):
+    def forward(
+        self,
+        hidden_states,
+        timestep,
+        encoder_hidden_states,
+        product_tokens=None,
+        reference_latents=None,
+        reference_keys=None,
+        return_dict: bool = True,
+    ):
         """hidden_states (B, 36, T', h, w); timestep (B,) in [0, 1000]; encoder_hidden_states
         (B, L, text_dim) UMT5 embeddings; product_tokens (B, K, inner_dim), zeros = no product
         (`clip`, `both`); reference_latents (B, N, 16, h, w) clean photo latents and
@@ -389,8 +438,13 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
             temb = temb[:batch]
             video_proj, reference_proj = timestep_proj.unflatten(1, (6, -1)).chunk(2)
             reference_count = tokens.shape[1] - video_tokens
-            timestep_proj = torch.cat([video_proj[:, None].expand(-1, video_tokens, -1, -1),
-                                       reference_proj[:, None].expand(-1, reference_count, -1, -1)], dim=1)
+            timestep_proj = torch.cat(
+                [
+                    video_proj[:, None].expand(-1, video_tokens, -1, -1),
+                    reference_proj[:, None].expand(-1, reference_count, -1, -1),
+                ],
+                dim=1,
+            )
             keys = reference_keys.repeat_interleave(reference_count // reference_keys.shape[1], dim=1)
             rotary_emb = (freqs_cos, freqs_sin, keys)
         else:
@@ -417,15 +471,21 @@ class ProductWanTransformer(ModelMixin, ConfigMixin):
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 
     def _check_conditions(self, product_tokens, reference_latents, reference_keys) -> None:
-        if self.uses_product_tokens and (product_tokens is None or product_tokens.shape[1:] != (
-                self.config.num_product_tokens, self.inner_dim)):
-            raise ValueError(f"reference {self.config.reference!r} needs product_tokens of shape "
-                             f"(B, {self.config.num_product_tokens}, {self.inner_dim}), got "
-                             f"{None if product_tokens is None else tuple(product_tokens.shape)}")
-        if self.uses_reference_latents and (reference_latents is None or reference_keys is None
-                                            or reference_latents.shape[:2] != reference_keys.shape):
-            raise ValueError(f"reference {self.config.reference!r} needs reference_latents (B, N, 16, h, w) and "
-                             f"reference_keys (B, N)")
+        if self.uses_product_tokens and (
+            product_tokens is None or product_tokens.shape[1:] != (self.config.num_product_tokens, self.inner_dim)
+        ):
+            raise ValueError(
+                f"reference {self.config.reference!r} needs product_tokens of shape "
+                f"(B, {self.config.num_product_tokens}, {self.inner_dim}), got "
+                f"{None if product_tokens is None else tuple(product_tokens.shape)}"
+            )
+        if self.uses_reference_latents and (
+            reference_latents is None or reference_keys is None or reference_latents.shape[:2] != reference_keys.shape
+        ):
+            raise ValueError(
+                f"reference {self.config.reference!r} needs reference_latents (B, N, 16, h, w) and "
+                f"reference_keys (B, N)"
+            )
 
 
 def reference_frames(reference_latents: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -443,27 +503,39 @@ class ProductVideoGenerator(nn.Module):
     def __init__(self, transformer: ProductWanTransformer, product_encoder: ProductEncoder | None):
         super().__init__()
         if transformer.uses_product_tokens != (product_encoder is not None):
-            raise ValueError(f"reference {transformer.config.reference!r}: a product encoder is needed exactly when "
-                             "CLIP product tokens are used (clip, both)")
+            raise ValueError(
+                f"reference {transformer.config.reference!r}: a product encoder is needed exactly when "
+                "CLIP product tokens are used (clip, both)"
+            )
         self.transformer = transformer
         self.product_encoder = product_encoder
 
     @classmethod
-    def from_model_config(cls, cfg, torch_dtype: torch.dtype | None = None) -> "ProductVideoGenerator":
+    def from_model_config(cls, cfg, torch_dtype: torch.dtype | None = None) -> ProductVideoGenerator:
         """Base Wan weights + fresh product layers (the product encoder sized from the configured
         image encoder)."""
         transformer = ProductWanTransformer.from_base(
-            cfg.base_model, cfg.num_product_tokens, cfg.inject_layers, cfg.product_attention_heads,
-            torch_dtype=torch_dtype, reference=cfg.reference, reference_attention=cfg.reference_attention,
-            reference_lora_rank=cfg.reference_lora_rank)
+            cfg.base_model,
+            cfg.num_product_tokens,
+            cfg.inject_layers,
+            cfg.product_attention_heads,
+            torch_dtype=torch_dtype,
+            reference=cfg.reference,
+            reference_attention=cfg.reference_attention,
+            reference_lora_rank=cfg.reference_lora_rank,
+        )
         if not transformer.uses_product_tokens:
             return cls(transformer, None)
         from transformers import CLIPVisionConfig
 
         image_config = CLIPVisionConfig.from_pretrained(cfg.image_encoder, subfolder=cfg.image_encoder_subfolder)
-        product_encoder = ProductEncoder(image_dim=image_config.hidden_size, hidden_dim=cfg.product_hidden_dim,
-                                         num_tokens=cfg.num_product_tokens, num_heads=cfg.product_num_heads,
-                                         output_dim=transformer.inner_dim)
+        product_encoder = ProductEncoder(
+            image_dim=image_config.hidden_size,
+            hidden_dim=cfg.product_hidden_dim,
+            num_tokens=cfg.num_product_tokens,
+            num_heads=cfg.product_num_heads,
+            output_dim=transformer.inner_dim,
+        )
         return cls(transformer, product_encoder if torch_dtype is None else product_encoder.to(dtype=torch_dtype))
 
     def save_pretrained(self, folder: str | Path, adapter_only: bool = False) -> None:
@@ -478,15 +550,29 @@ class ProductVideoGenerator(nn.Module):
             self.product_encoder.save_pretrained(folder / "product_encoder")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "ProductVideoGenerator":
+    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> ProductVideoGenerator:
         transformer = ProductWanTransformer.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype)
-        product_encoder = (ProductEncoder.from_pretrained(folder, subfolder="product_encoder", torch_dtype=torch_dtype)
-                           if transformer.uses_product_tokens else None)
+        product_encoder = (
+            ProductEncoder.from_pretrained(folder, subfolder="product_encoder", torch_dtype=torch_dtype)
+            if transformer.uses_product_tokens
+            else None
+        )
         return cls(transformer, product_encoder)
 
-    def forward(self, noisy_latents, masked_latents, packed_mask, timestep, text_embeds, image_tokens=None,
-                image_mask=None, reference_latents=None, photo_mask=None, keep_text=None,
-                keep_product=None) -> torch.Tensor:
+    def forward(
+        self,
+        noisy_latents,
+        masked_latents,
+        packed_mask,
+        timestep,
+        text_embeds,
+        image_tokens=None,
+        image_mask=None,
+        reference_latents=None,
+        photo_mask=None,
+        keep_text=None,
+        keep_product=None,
+    ) -> torch.Tensor:
         """Predicted velocity (B, 16, T', h, w). image_tokens (B, N, L, D) + image_mask (B, N): the
         photos' CLIP tokens (clip, both); reference_latents (B, N, 16, h, w) + photo_mask (B, N):
         their VAE latents (latents, both). keep_text/keep_product (B,) in {0, 1} drop a sample's
@@ -497,12 +583,15 @@ class ProductVideoGenerator(nn.Module):
             product = self.product_encoder(image_tokens, image_mask)
             if keep_product is not None:
                 product = product * keep_product.view(-1, 1, 1).to(product.dtype)
-        if self.transformer.uses_reference_latents and photo_mask is not None:  # else the transformer says what is missing
+        if (
+            self.transformer.uses_reference_latents and photo_mask is not None
+        ):  # else the transformer says what is missing
             reference_keys = photo_mask.bool()
             if keep_product is not None:
                 reference_keys = reference_keys & keep_product.view(-1, 1).bool()
         if keep_text is not None:
             text_embeds = text_embeds * keep_text.view(-1, 1, 1).to(text_embeds.dtype)
         dit_input = build_dit_input(noisy_latents, masked_latents, packed_mask)
-        return self.transformer(dit_input, timestep, text_embeds, product, reference_latents, reference_keys,
-                                return_dict=False)[0]
+        return self.transformer(
+            dit_input, timestep, text_embeds, product, reference_latents, reference_keys, return_dict=False
+        )[0]

@@ -21,6 +21,7 @@ The folder `save_generator` writes:
                                            so a reload computes bit for bit what was saved), loadable
                                            with WanVACETransformer3DModel.from_pretrained
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -126,8 +127,14 @@ def control_latents(encoders: VaceEncoders, video: torch.Tensor, mask: torch.Ten
     return torch.cat([latents, packed.to(latents.dtype)], dim=1)[0].float()
 
 
-def vace_velocity(transformer: WanVACETransformer3DModel, noisy_latents: torch.Tensor, timestep: torch.Tensor,
-                  text_embeds: torch.Tensor, control: torch.Tensor, reference_latents: torch.Tensor) -> torch.Tensor:
+def vace_velocity(
+    transformer: WanVACETransformer3DModel,
+    noisy_latents: torch.Tensor,
+    timestep: torch.Tensor,
+    text_embeds: torch.Tensor,
+    control: torch.Tensor,
+    reference_latents: torch.Tensor,
+) -> torch.Tensor:
     """The VACE forward of WanVACEPipeline's denoising step (control scale 1) with k references per
     sample (reference_latents (B, k, 16, 1, h, w)), returning the velocity of the video frames only.
 
@@ -139,16 +146,21 @@ def vace_velocity(transformer: WanVACETransformer3DModel, noisy_latents: torch.T
     count = reference_latents.shape[1]
     if count:
         references = reference_latents.flip(1).squeeze(3).transpose(1, 2).float()  # (B, 16, k, h, w)
-        beside = references.new_zeros(references.shape[0], control.shape[1] - references.shape[1],
-                                      *references.shape[2:])
+        beside = references.new_zeros(
+            references.shape[0], control.shape[1] - references.shape[1], *references.shape[2:]
+        )
         control = torch.cat([torch.cat([references, beside], dim=1).to(control.dtype), control], dim=2)
         sigma = (timestep.float() / NUM_TRAIN_TIMESTEPS).view(-1, 1, 1, 1, 1)
         noised = (1 - sigma) * references + sigma * torch.randn_like(references)
         noisy_latents = torch.cat([noised.to(noisy_latents.dtype), noisy_latents], dim=2)
     dtype = transformer.dtype
-    velocity = transformer(hidden_states=noisy_latents.to(dtype), timestep=timestep,
-                           encoder_hidden_states=text_embeds.to(dtype), control_hidden_states=control.to(dtype),
-                           return_dict=False)[0]
+    velocity = transformer(
+        hidden_states=noisy_latents.to(dtype),
+        timestep=timestep,
+        encoder_hidden_states=text_embeds.to(dtype),
+        control_hidden_states=control.to(dtype),
+        return_dict=False,
+    )[0]
     return velocity[:, :, count:]
 
 
@@ -183,21 +195,31 @@ class VaceSpecification(ModelSpecification):
         vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
         text_encoder = UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype)
         patch_size = WanVACETransformer3DModel.load_config(base, subfolder=TRANSFORMER_FOLDER)["patch_size"]
-        return VaceEncoders(vae.to(device).eval(), text_encoder.to(device).eval(),
-                            AutoTokenizer.from_pretrained(base, subfolder="tokenizer"), tuple(patch_size))
+        return VaceEncoders(
+            vae.to(device).eval(),
+            text_encoder.to(device).eval(),
+            AutoTokenizer.from_pretrained(base, subfolder="tokenizer"),
+            tuple(patch_size),
+        )
 
-    def encode_clip(self, encoders: VaceEncoders, video: torch.Tensor, mask: torch.Tensor,
-                    prompt: str) -> dict[str, torch.Tensor]:
+    def encode_clip(
+        self, encoders: VaceEncoders, video: torch.Tensor, mask: torch.Tensor, prompt: str
+    ) -> dict[str, torch.Tensor]:
         """latents (16, T', h, w) the clean video, Wan-normalised; control_latents (96, T', h, w);
         text_embeds (L, dim); packed_mask (4, T', h, w), which the objective's mask weights read."""
         device = next(encoders.vae.parameters()).device
         latents = encode_video(encoders.vae, video[None].to(device, torch.float32))[0]
         text = encode_text(encoders.tokenizer, encoders.text_encoder, [prompt], self.cfg.text_max_length)[0]
-        return {"latents": latents.cpu(), "control_latents": control_latents(encoders, video, mask).cpu(),
-                "text_embeds": text.cpu(), "packed_mask": pack_mask(mask[None].float(), latents.shape[-2:])[0]}
+        return {
+            "latents": latents.cpu(),
+            "control_latents": control_latents(encoders, video, mask).cpu(),
+            "text_embeds": text.cpu(),
+            "packed_mask": pack_mask(mask[None].float(), latents.shape[-2:])[0],
+        }
 
-    def encode_product(self, encoders: VaceEncoders, photos: list[np.ndarray], height: int,
-                       width: int) -> dict[str, torch.Tensor]:
+    def encode_product(
+        self, encoders: VaceEncoders, photos: list[np.ndarray], height: int, width: int
+    ) -> dict[str, torch.Tensor]:
         """reference_latents (N, 16, 1, h, w): each photo on its white canvas, VAE-encoded as one frame."""
         device = next(encoders.vae.parameters()).device
         canvases = [_image_tensor(reference_canvas(photo, height, width)) for photo in photos]
@@ -207,8 +229,9 @@ class VaceSpecification(ModelSpecification):
     def collate(self, samples: list[dict[str, torch.Tensor]], photos: int | None = None) -> dict[str, torch.Tensor]:
         references = [sample["reference_latents"] for sample in samples]
         photos = max(len(r) for r in references) if photos is None else photos
-        batch = {key: torch.stack([sample[key] for sample in samples])
-                 for key in samples[0] if key != "reference_latents"}
+        batch = {
+            key: torch.stack([sample[key] for sample in samples]) for key in samples[0] if key != "reference_latents"
+        }
         batch["reference_latents"], batch["photo_mask"] = _pad_photos(references, photos)
         return batch
 
@@ -220,8 +243,9 @@ class VaceSpecification(ModelSpecification):
         return LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True)
 
     def build_generator(self, torch_dtype: torch.dtype | None = None) -> VaceGenerator:
-        transformer = WanVACETransformer3DModel.from_pretrained(self.cfg.base_model, subfolder=TRANSFORMER_FOLDER,
-                                                                torch_dtype=torch_dtype)
+        transformer = WanVACETransformer3DModel.from_pretrained(
+            self.cfg.base_model, subfolder=TRANSFORMER_FOLDER, torch_dtype=torch_dtype
+        )
         transformer.add_adapter(self.lora_config(), adapter_name=ADAPTER_NAME)
         return VaceGenerator(transformer)
 
@@ -231,9 +255,15 @@ class VaceSpecification(ModelSpecification):
             return self.adapter_names(generator)
         return {name for name, _ in generator.named_parameters()}
 
-    def predict(self, generator: nn.Module, batch: dict[str, torch.Tensor], noisy_latents: torch.Tensor,
-                timestep: torch.Tensor, keep_text: torch.Tensor | None = None,
-                keep_product: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        generator: nn.Module,
+        batch: dict[str, torch.Tensor],
+        noisy_latents: torch.Tensor,
+        timestep: torch.Tensor,
+        keep_text: torch.Tensor | None = None,
+        keep_product: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """batch: control_latents (B, 96, T', h, w), text_embeds (B, L, dim), reference_latents
         (B, N, 16, 1, h, w) with photo_mask (B, N). A sample sees only its present photos (none when
         keep_product is 0); samples with as many run as one forward, since padding frames would be
@@ -249,8 +279,16 @@ class VaceSpecification(ModelSpecification):
         pieces = []
         for rows in rows_by_count:
             references = torch.stack([batch["reference_latents"][row][present[row]] for row in rows])
-            pieces.append(vace_velocity(generator.transformer, noisy_latents[rows], timestep[rows], text[rows],
-                                        batch["control_latents"][rows], references))
+            pieces.append(
+                vace_velocity(
+                    generator.transformer,
+                    noisy_latents[rows],
+                    timestep[rows],
+                    text[rows],
+                    batch["control_latents"][rows],
+                    references,
+                )
+            )
         order = torch.cat(rows_by_count)
         return torch.cat(pieces)[torch.argsort(order)]
 
@@ -266,36 +304,44 @@ class VaceSpecification(ModelSpecification):
         transformer.save_lora_adapter(folder / LORA_FOLDER, adapter_name=ADAPTER_NAME)
         if adapter_only:
             return
-        own = {name.replace(".base_layer.", "."): tensor for name, tensor in transformer.state_dict().items()
-               if ".lora_" not in name}
+        own = {
+            name.replace(".base_layer.", "."): tensor
+            for name, tensor in transformer.state_dict().items()
+            if ".lora_" not in name
+        }
         transformer.save_config(folder / TRANSFORMER_FOLDER)
         # diffusers' own weight file names, so that WanVACETransformer3DModel.from_pretrained reads them
-        save_torch_state_dict(own, folder / TRANSFORMER_FOLDER,
-                              filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+        save_torch_state_dict(
+            own, folder / TRANSFORMER_FOLDER, filename_pattern="diffusion_pytorch_model{suffix}.safetensors"
+        )
 
     def load_generator(self, folder: Path, torch_dtype: torch.dtype | None = None) -> VaceGenerator:
         folder = Path(folder)
         full = (folder / TRANSFORMER_FOLDER / "config.json").is_file()
         transformer = WanVACETransformer3DModel.from_pretrained(
-            str(folder) if full else self.cfg.base_model, subfolder=TRANSFORMER_FOLDER, torch_dtype=torch_dtype)
-        transformer.load_lora_adapter(str(folder / LORA_FOLDER), prefix=None, adapter_name=ADAPTER_NAME,
-                                      use_safetensors=True)
+            str(folder) if full else self.cfg.base_model, subfolder=TRANSFORMER_FOLDER, torch_dtype=torch_dtype
+        )
+        transformer.load_lora_adapter(
+            str(folder / LORA_FOLDER), prefix=None, adapter_name=ADAPTER_NAME, use_safetensors=True
+        )
         return VaceGenerator(transformer)
 
     # -- generation ---------------------------------------------------------------------------
 
-    def pipeline(self, generator: nn.Module, torch_dtype: torch.dtype | None = None) -> "VaceProductPipeline":
+    def pipeline(self, generator: nn.Module, torch_dtype: torch.dtype | None = None) -> VaceProductPipeline:
         return VaceProductPipeline.from_generator(generator, self.cfg, torch_dtype)
 
-    def speed_up_training(self, generator: nn.Module, checkpointing: str, compile_blocks: bool,
-                          device: torch.device) -> None:
+    def speed_up_training(
+        self, generator: nn.Module, checkpointing: str, compile_blocks: bool, device: torch.device
+    ) -> None:
         """diffusers' own checkpointing of every block ("selective" falls back to it: the selective
         policy of models/speed.py is written for the product DiT's blocks); no compilation yet."""
         if checkpointing != "none":
             generator.transformer.enable_gradient_checkpointing()
 
-    def speed_up_generation(self, pipeline, compile_blocks: bool, step_cache_threshold: float | None,
-                            device: torch.device | str) -> None:
+    def speed_up_generation(
+        self, pipeline, compile_blocks: bool, step_cache_threshold: float | None, device: torch.device | str
+    ) -> None:
         """Regional compilation on CUDA; never the step cache (VaceProductPipeline says why)."""
         if compile_blocks and torch.device(device).type == "cuda":
             pipeline.transformer.compile_repeated_blocks()
@@ -316,48 +362,85 @@ class VaceProductPipeline(WanVACEPipeline):
     Block Cache's cached residual.
     """
 
-    def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
-                 boundary_ratio: float | None = None, text_max_length: int = 512, max_product_images: int = 5):
-        super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                         transformer=transformer, transformer_2=transformer_2, boundary_ratio=boundary_ratio)
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        vae,
+        scheduler,
+        transformer=None,
+        transformer_2=None,
+        boundary_ratio: float | None = None,
+        text_max_length: int = 512,
+        max_product_images: int = 5,
+    ):
+        super().__init__(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            boundary_ratio=boundary_ratio,
+        )
         self.register_to_config(text_max_length=text_max_length, max_product_images=max_product_images)
 
     @classmethod
-    def from_generator(cls, generator: VaceGenerator, cfg: ModelConfig,
-                       torch_dtype: torch.dtype | None = None) -> "VaceProductPipeline":
+    def from_generator(
+        cls, generator: VaceGenerator, cfg: ModelConfig, torch_dtype: torch.dtype | None = None
+    ) -> VaceProductPipeline:
         """The generator's transformer with cfg's UMT5, tokenizer, scheduler and VAE (float32)."""
         base = cfg.base_model
-        return cls(tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer"),
-                   text_encoder=UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=torch_dtype),
-                   vae=AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32),
-                   scheduler=make_scheduler(cfg.sampler.scheduler, cfg.flow_shift),
-                   transformer=generator.transformer, text_max_length=cfg.text_max_length,
-                   max_product_images=cfg.max_product_images)
+        return cls(
+            tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer"),
+            text_encoder=UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=torch_dtype),
+            vae=AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32),
+            scheduler=make_scheduler(cfg.sampler.scheduler, cfg.flow_shift),
+            transformer=generator.transformer,
+            text_max_length=cfg.text_max_length,
+            max_product_images=cfg.max_product_images,
+        )
 
     @torch.no_grad()
-    def __call__(self, masked_video: torch.Tensor, mask: torch.Tensor, product_images: list, prompt: str | list[str],
-                 negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
-                 text_guidance_scale: float = 5.0, product_guidance_scale: float = 3.0,
-                 generator: torch.Generator | None = None, feather_px: int = 0, output_type: str = "pt",
-                 callback=None, attention_backend: str = "cudnn"):
+    def __call__(
+        self,
+        masked_video: torch.Tensor,
+        mask: torch.Tensor,
+        product_images: list,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        text_guidance_scale: float = 5.0,
+        product_guidance_scale: float = 3.0,
+        generator: torch.Generator | None = None,
+        feather_px: int = 0,
+        output_type: str = "pt",
+        callback=None,
+        attention_backend: str = "cudnn",
+    ):
         """As ProductVideoPipeline.__call__; a sample's empty photo list means no reference images."""
         batch, channels, frames, height, width = masked_video.shape
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         if channels != 3 or mask.shape != (batch, 1, frames, height, width):
-            raise ValueError(f"masked_video must be (B, 3, T, H, W) and mask (B, 1, T, H, W); got "
-                             f"{tuple(masked_video.shape)} and {tuple(mask.shape)}")
+            raise ValueError(
+                f"masked_video must be (B, 3, T, H, W) and mask (B, 1, T, H, W); got "
+                f"{tuple(masked_video.shape)} and {tuple(mask.shape)}"
+            )
         if len(product_images) != batch or len(prompts) != batch:
             raise ValueError(f"batch {batch}: got {len(product_images)} image lists and {len(prompts)} prompts")
         latent_frames = (frames - 1) // self.vae_scale_factor_temporal + 1
         if max(len(photos) for photos in product_images) > latent_frames:
             # diffusers 0.42.1's WanVACEPipeline.prepare_masks takes the references' zero mask frames
             # from the video's latent frames, so more references than latent frames fail there.
-            raise ValueError(f"{frames} frames make {latent_frames} latent frames: diffusers' VACE takes at most "
-                             f"that many reference photos, got {max(len(p) for p in product_images)}")
+            raise ValueError(
+                f"{frames} frames make {latent_frames} latent frames: diffusers' VACE takes at most "
+                f"that many reference photos, got {max(len(p) for p in product_images)}"
+            )
         device = self._execution_device
         dtype = self.transformer.dtype
-        text, null_text = encode_prompts(self.tokenizer, self.text_encoder, prompts, negative_prompt,
-                                         self.config.text_max_length, dtype)
+        text, null_text = encode_prompts(
+            self.tokenizer, self.text_encoder, prompts, negative_prompt, self.config.text_max_length, dtype
+        )
         mask = mask.to(device, torch.float32)
         video = grey_filled(masked_video.to(device, torch.float32), mask)
         latents = []
@@ -365,13 +448,24 @@ class VaceProductPipeline(WanVACEPipeline):
             for index in range(batch):
                 references = [reference_canvas(photo, height, width) for photo in product_images[index]]
                 sample = super().__call__(
-                    video=video[index:index + 1].transpose(1, 2), mask=mask[index:index + 1].expand(-1, 3, -1, -1, -1)
-                    .transpose(1, 2), reference_images=references or None, prompt_embeds=text[index:index + 1],
-                    negative_prompt_embeds=null_text[index:index + 1], height=height, width=width,
-                    num_frames=frames, num_inference_steps=num_inference_steps, guidance_scale=text_guidance_scale,
-                    generator=generator, output_type="latent", return_dict=False,
-                    callback_on_step_end=step_progress(callback, index * num_inference_steps,
-                                                       batch * num_inference_steps))[0]
-                latents.append(sample[:, :, len(references):])  # diffusers strips the references only when decoding
-        return finish(self.vae, torch.cat(latents), masked_video.to(device, torch.float32), mask, feather_px,
-                      output_type)
+                    video=video[index : index + 1].transpose(1, 2),
+                    mask=mask[index : index + 1].expand(-1, 3, -1, -1, -1).transpose(1, 2),
+                    reference_images=references or None,
+                    prompt_embeds=text[index : index + 1],
+                    negative_prompt_embeds=null_text[index : index + 1],
+                    height=height,
+                    width=width,
+                    num_frames=frames,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=text_guidance_scale,
+                    generator=generator,
+                    output_type="latent",
+                    return_dict=False,
+                    callback_on_step_end=step_progress(
+                        callback, index * num_inference_steps, batch * num_inference_steps
+                    ),
+                )[0]
+                latents.append(sample[:, :, len(references) :])  # diffusers strips the references only when decoding
+        return finish(
+            self.vae, torch.cat(latents), masked_video.to(device, torch.float32), mask, feather_px, output_type
+        )

@@ -1,4 +1,5 @@
 """Errors every layer may raise, defined below all of them."""
+
 from __future__ import annotations
 
 

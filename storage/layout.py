@@ -8,8 +8,14 @@ OUT/
   product_images/{product_id}/{view}.png
   manifests/{name}.parquet
   dataset.json
+  build.yaml                   the build config (configs/dataset/*.yaml, resolved) of the last build
   .cache/                      Prefect task results (the stage cache); safe to delete
 ```
+
+build.yaml is written when a build starts, before any stage runs: the files under the root are
+that config's. `manifests/dataset.parquet`, written last, marks that a build finished. The next
+build of the root takes build.yaml as its config unless given another
+(tasks/dataset/build_config.py).
 
 A file appears under its final name only once it is complete (write to a temporary sibling, then
 `os.replace`), so a killed run never leaves something a re-run would take for finished work.
@@ -31,7 +37,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
+from storage.config_files import read_mapping
 from storage.schemas import MANIFESTS, to_table
 
 # Product ids and view names become file names: ASCII letters, digits, '.', '_', '-', no '..'.
@@ -72,7 +80,7 @@ class DatasetRoot:
     root: Path
 
     @classmethod
-    def create(cls, path: str | os.PathLike) -> "DatasetRoot":
+    def create(cls, path: str | os.PathLike) -> DatasetRoot:
         """Make the root and check that it is writable; a systemic error says what to do."""
         root = Path(path).expanduser().resolve()
         try:
@@ -107,6 +115,8 @@ class DatasetRoot:
     @staticmethod
     def manifest_rel(name: str) -> str:
         return f"manifests/{name}.parquet"
+
+    build_config_rel = "build.yaml"
 
     @property
     def cache_dir(self) -> Path:
@@ -173,3 +183,17 @@ class DatasetRoot:
 
     def has_manifest(self, name: str) -> bool:
         return self.path(self.manifest_rel(name)).exists()
+
+    # -- the build config ---------------------------------------------------------------------
+    def read_build_config(self) -> dict | None:
+        """The recorded build config (build.yaml) as a mapping; None when the root records none."""
+        path = self.path(self.build_config_rel)
+        return read_mapping(path, "build config", "written by build-dataset") if path.is_file() else None
+
+    def write_build_config(self, tree: dict) -> None:
+        header = (
+            "# build-dataset's config of this dataset root, recorded when its last build started.\n"
+            "# The next build of this root uses it unless given --config; retrain refreshes with it.\n"
+        )
+        with self.atomic_file(self.build_config_rel) as tmp:
+            tmp.write_text(header + yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")

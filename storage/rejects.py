@@ -11,7 +11,9 @@ class RejectError(ValueError):
         self.code = code
 
 
-def reject_row(stage: str, item: str, code: str, reason: str, product_id: str | None = None, clip_id: str | None = None) -> dict:
+def reject_row(
+    stage: str, item: str, code: str, reason: str, product_id: str | None = None, clip_id: str | None = None
+) -> dict:
     return {
         "stage": stage,
         "product_id": product_id,

@@ -1,4 +1,5 @@
 """The result a command line prints and, with --result, writes as JSON (flows and torchrun ranks share it)."""
+
 from __future__ import annotations
 
 import argparse

@@ -118,7 +118,7 @@ DATASET = pa.schema(
     ]
 )
 
-# Precompute: one row per clip sample window whose training tensors are stored (tasks/precompute.py).
+# Precompute: one row per clip sample window whose training tensors are stored (tasks/training/precompute.py).
 LATENTS = pa.schema(
     [
         pa.field("clip_key", pa.string(), nullable=False),
@@ -128,7 +128,9 @@ LATENTS = pa.schema(
         pa.field("split", pa.string(), nullable=False),
         pa.field("category", pa.string(), nullable=False),
         pa.field("signature", pa.string(), nullable=False),  # encoders + sample shape the tensors come from
-        pa.field("path", pa.string(), nullable=False),  # latents/{signature}/{product_id}/{clip_key}-w{window}.safetensors
+        pa.field(
+            "path", pa.string(), nullable=False
+        ),  # latents/{signature}/{product_id}/{clip_key}-w{window}.safetensors
         pa.field("shapes", pa.string(), nullable=False),  # JSON {tensor name: shape}
         pa.field("sha256", pa.string(), nullable=False),  # of the window's safetensors file
         pa.field("product_path", pa.string(), nullable=False),  # latents/{signature}/{product_id}/photos.safetensors

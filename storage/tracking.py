@@ -5,18 +5,17 @@ go), else a SQLite database under the project's data directory with artifacts ne
 (MLflow's file store is deprecated). The registry lives in the same store.
 
 Registry: every evaluated model becomes a version of `product-video-generator`, registered from
-the run's checkpoint folder, with its metrics as version tags `metric.<name>`. The newest version
-gets alias `challenger`; `champion` moves to it only when it beats the current champion on the
-primary metric (or there is no champion yet). `models:/product-video-generator@champion` is what
-generate and evaluate load by default. Aliases only: MLflow 3 deprecates stages.
+the run's checkpoint folder, with its metrics as version tags `metric.<name>`; aliases name
+versions (`challenger`, `champion`; MLflow 3 deprecates stages). Which version becomes champion
+is a rule of the pipeline, not of the data contract: tasks/training/registry.py.
+`models:/product-video-generator@champion` is what generate and evaluate load by default.
 """
+
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -92,14 +91,15 @@ def version_metrics(name: str, version: str | int, client: MlflowClient | None =
     for key, text in tags.items():
         if key.startswith(METRIC_TAG_PREFIX):
             try:
-                numbers[key[len(METRIC_TAG_PREFIX):]] = float(text)
+                numbers[key[len(METRIC_TAG_PREFIX) :]] = float(text)
             except ValueError:
                 continue  # "unavailable: ..."
     return numbers
 
 
-def register_model_version(run_id: str, artifact_path: str, metrics: Mapping,
-                           name: str = MODEL_NAME, tags: Mapping[str, str] | None = None) -> str:
+def register_model_version(
+    run_id: str, artifact_path: str, metrics: Mapping, name: str = MODEL_NAME, tags: Mapping[str, str] | None = None
+) -> str:
     """Register the checkpoint folder logged at runs:/<run_id>/<artifact_path>; return the version.
 
     `metrics` maps names to floats or MetricValues; each becomes a version tag metric.<name>.
@@ -114,9 +114,11 @@ def register_model_version(run_id: str, artifact_path: str, metrics: Mapping,
     # checkpoint is a plain artifact folder, so the version's source is its artifact URI.
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
     version = client.create_model_version(
-        name, source, run_id=run_id,
-        tags={**{METRIC_TAG_PREFIX + key: _metric_tag(value) for key, value in metrics.items()},
-              **(tags or {})})
+        name,
+        source,
+        run_id=run_id,
+        tags={**{METRIC_TAG_PREFIX + key: _metric_tag(value) for key, value in metrics.items()}, **(tags or {})},
+    )
     return str(version.version)
 
 
@@ -124,7 +126,8 @@ def set_alias(name: str, alias: str, version: str | int) -> None:
     MlflowClient().set_registered_model_alias(name, alias, str(version))
 
 
-def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version number that `alias` names, None when the model or the alias does not exist."""
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as error:
@@ -133,55 +136,10 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         raise
 
 
-def promote_if_better(name: str, version: str | int, primary_metric: str,
-                      higher_is_better: bool = True) -> dict:
-    """Set `challenger` on `version`; move `champion` to it only if it beats the champion.
-
-    "Beats" means strictly better on `primary_metric`; with no champion yet the challenger becomes
-    champion; a challenger or champion without that metric (unavailable) leaves the champion where
-    it is. The decision and its reason are returned and recorded as tags on the version.
-    """
-    client = MlflowClient()
-    version = str(version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    challenger_value = version_metrics(name, version, client).get(primary_metric)
-    champion_version = _alias_version(client, name, CHAMPION)
-    champion_value = (version_metrics(name, champion_version, client).get(primary_metric)
-                      if champion_version is not None else None)
-    better = "higher" if higher_is_better else "lower"
-
-    if champion_version == version:
-        promoted, reason = False, f"version {version} already is the champion"
-    elif challenger_value is None or math.isnan(challenger_value):
-        promoted, reason = False, f"version {version} has no value for {primary_metric}"
-    elif champion_version is None:
-        promoted, reason = True, "there was no champion yet"
-    elif champion_value is None:
-        promoted, reason = False, (f"champion version {champion_version} has no {primary_metric} "
-                                   "to compare with; move the alias by hand if intended")
-    elif (challenger_value > champion_value) if higher_is_better else (challenger_value < champion_value):
-        promoted, reason = True, (f"{primary_metric} {challenger_value:.4g} beats champion version "
-                                  f"{champion_version}'s {champion_value:.4g} ({better} is better)")
-    else:
-        promoted, reason = False, (f"{primary_metric} {challenger_value:.4g} does not beat champion "
-                                   f"version {champion_version}'s {champion_value:.4g} "
-                                   f"({better} is better)")
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    decision = {"name": name, "version": version, "primary_metric": primary_metric,
-                "higher_is_better": higher_is_better, "challenger_value": challenger_value,
-                "champion_version": champion_version, "champion_value": champion_value,
-                "promoted": promoted, "reason": reason,
-                "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    client.set_model_version_tag(name, version, "promotion.promoted", str(promoted).lower())
-    client.set_model_version_tag(name, version, "promotion.reason", reason)
-    return decision
-
-
 def _parse_alias_uri(uri: str) -> tuple[str, str] | None:
     """models:/<name>@<alias> -> (name, alias); other URIs -> None."""
     if uri.startswith("models:/") and "@" in uri:
-        name, alias = uri[len("models:/"):].rstrip("/").split("@", 1)
+        name, alias = uri[len("models:/") :].rstrip("/").split("@", 1)
         return name, alias
     return None
 
@@ -201,19 +159,21 @@ def model_source(uri: str) -> ModelSource:
     """Resolve runs:/<id>/<path>, models:/<name>@<alias> and models:/<name>/<version>; anything
     else has no run (a local folder is logged to the evaluation run when registered)."""
     if uri.startswith("runs:/"):
-        run_id, _, path = uri[len("runs:/"):].partition("/")
+        run_id, _, path = uri[len("runs:/") :].partition("/")
         return ModelSource(uri, run_id, path.strip("/") or "model", None)
     if not uri.startswith("models:/"):
         return ModelSource(uri, None, None, None)
     client = MlflowClient()
     alias = _parse_alias_uri(uri)
     if alias is None:
-        version = client.get_model_version(*uri[len("models:/"):].rstrip("/").rsplit("/", 1))
+        version = client.get_model_version(*uri[len("models:/") :].rstrip("/").rsplit("/", 1))
         return ModelSource(uri, version.run_id, None, str(version.version))
-    number = _alias_version(client, *alias)
+    number = alias_version(client, *alias)
     if number is None:
-        raise ModelNotFoundError(f"no version of {alias[0]} has alias {alias[1]} yet: run the train and evaluate "
-                                 "flows (or retrain) first, or pass a runs:/ URI or a local model folder")
+        raise ModelNotFoundError(
+            f"no version of {alias[0]} has alias {alias[1]} yet: run the train and evaluate "
+            "flows (or retrain) first, or pass a runs:/ URI or a local model folder"
+        )
     return ModelSource(uri, client.get_model_version(alias[0], number).run_id, None, number)
 
 
@@ -231,15 +191,17 @@ def resolve_model_uri(uri: str = DEFAULT_MODEL_URI, dst_path: str | Path | None 
     alias = _parse_alias_uri(uri)
     if alias is not None:
         name, alias_name = alias
-        if _alias_version(MlflowClient(), name, alias_name) is None:
+        if alias_version(MlflowClient(), name, alias_name) is None:
             raise ModelNotFoundError(
                 f"no version of {name} has alias {alias_name} yet: run the retrain or "
-                "train+evaluate flows, or pass a local checkpoint")
+                "train+evaluate flows, or pass a local checkpoint"
+            )
     if dst_path is not None:
         Path(dst_path).mkdir(parents=True, exist_ok=True)
     try:
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=uri,
-                                                     dst_path=None if dst_path is None else str(dst_path))
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=None if dst_path is None else str(dst_path)
+        )
     except MlflowException as error:
         raise ModelNotFoundError(f"could not download {uri}: {error.message}") from error
     return Path(folder)

@@ -121,7 +121,9 @@ def _frame_rgb(frame: av.VideoFrame, rotation: int, size: tuple[int, int]) -> np
     return rgb
 
 
-def iter_frames(uri: str | Path, threads: int = 0, fit: tuple[int, int] | None = None) -> Iterator[tuple[float, np.ndarray]]:
+def iter_frames(
+    uri: str | Path, threads: int = 0, fit: tuple[int, int] | None = None
+) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (presentation time in s, H x W x 3 uint8 RGB) for every decodable frame.
 
     fit=(height, width): frames come as fit_crop(frame, height, width) would make them, but
@@ -201,7 +203,14 @@ class EncodeSettings:
 class VideoWriter:
     """Streaming H.264 writer: `with VideoWriter(path, fps, h, w) as w: w.write(rgb)`."""
 
-    def __init__(self, target: str | Path | io.BytesIO, fps: float, height: int, width: int, settings: EncodeSettings = EncodeSettings()):
+    def __init__(
+        self,
+        target: str | Path | io.BytesIO,
+        fps: float,
+        height: int,
+        width: int,
+        settings: EncodeSettings = EncodeSettings(),
+    ):
         # A BytesIO target encodes in memory (to measure what H.264 does without touching disk).
         self._container = av.open(target if isinstance(target, io.BytesIO) else str(target), mode="w", format="mp4")
         rate = Fraction(fps).limit_denominator(1001)
@@ -209,7 +218,11 @@ class VideoWriter:
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
         self._stream.codec_context.thread_count = settings.threads
-        self._stream.options = {"crf": str(settings.crf), "preset": settings.preset, "x264-params": settings.x264_params}
+        self._stream.options = {
+            "crf": str(settings.crf),
+            "preset": settings.preset,
+            "x264-params": settings.x264_params,
+        }
         self.frames = 0
 
     def write(self, rgb: np.ndarray) -> None:
@@ -222,7 +235,7 @@ class VideoWriter:
         self._container.mux(self._stream.encode())
         self._container.close()
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, exc_type, *_):
@@ -232,7 +245,12 @@ class VideoWriter:
             self._container.close()
 
 
-def write_video(target: str | Path | io.BytesIO, frames: Iterable[np.ndarray], fps: float, settings: EncodeSettings = EncodeSettings()) -> int:
+def write_video(
+    target: str | Path | io.BytesIO,
+    frames: Iterable[np.ndarray],
+    fps: float,
+    settings: EncodeSettings = EncodeSettings(),
+) -> int:
     writer = None
     for rgb in frames:
         if writer is None:

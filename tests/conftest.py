@@ -13,10 +13,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 # Session fixtures are defined here once: imported into several test modules instead, each module
 # would get its own instance (its own data dir and MLflow store), and results would depend on the
-# order the modules run in.
-from tests.fixtures_models import (local_mlflow, logged_model, split_dataset,  # noqa: F401, E402
-                                        tiny_config_file, trained_champion)
-from tests.fixtures_dataset import tiny_data_dir, tiny_dataset  # noqa: F401, E402
+# order the modules run in. Imported to be registered, so unused here (F401).
+from tests.fixtures_dataset import tiny_data_dir, tiny_dataset  # noqa: F401
+from tests.fixtures_models import local_mlflow, logged_model, split_dataset, tiny_config_file, trained_champion  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +24,10 @@ def tiny_cfg(tmp_path_factory):
     from models.config import load_model_config
     from models.tiny import materialize_tiny
 
-    return materialize_tiny(load_model_config(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml"),
-                            tmp_path_factory.mktemp("tiny_wan"))
+    return materialize_tiny(
+        load_model_config(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml"),
+        tmp_path_factory.mktemp("tiny_wan"),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,47 +1,47 @@
 """Fixtures that provide a built tiny dataset and a project data directory (for the precompute,
 train, evaluate, retrain and generate tests).
 
-Import what you need into a test module: `from tests.fixtures_dataset import tiny_dataset, ...`.
-The dataset is built once per test session into a fixed folder under pytest's base temp dir and
-reused by every module that imports the fixture (build-dataset itself is cached, so a second
-call only checks).
+tests/conftest.py registers the fixtures for every test: request them by name and do not import
+them into a test module (an importing module would get instances of its own). The dataset is
+built once per test session into a fixed folder under pytest's base temp dir and reused by every
+test that requests it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from tasks.run_config import RunConfig, load_run_config
+from tasks.training.run_config import RunConfig, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
-# 4 products split 2:1:1, so train, val and test each have clips (8:1:1 would put all in train).
+# build-dataset's config for the tiny sources: classic backends, 96x144 clips of 1-3 s, and 4
+# products split 2:1:1, so train, val and test each have clips (8:1:1 would put all in train).
+TINY_BUILD_CONFIG = REPO / "configs" / "dataset" / "tiny.yaml"
 NUM_PRODUCTS = 4
-SPLIT_RATIOS = (0.5, 0.25, 0.25)
 
 
 def build_tiny_dataset(folder: Path, num_products: int = NUM_PRODUCTS, seed: int = 3) -> Path:
-    """Synthetic product pages -> build-dataset (classic segmenter, 96x144 clips of 1-3 s)."""
+    """Synthetic product pages -> build-dataset (configs/dataset/tiny.yaml)."""
     from demo.studio import StudioConfig, generate_studio
     from flows.build_dataset import build_dataset
-    from tasks.assemble import SplitConfig
-    from tasks.scenes import SceneConfig
 
     output = folder / "dataset"
     if (output / "manifests" / "dataset.parquet").is_file():
         return output
     generate_studio(folder / "source", folder / "truth", StudioConfig.tiny(num_products=num_products, seed=seed))
-    build_dataset(source=str(folder / "source"), output=str(output), segmenter="classic",
-                  background_removal="classic", splits=SplitConfig(ratios=SPLIT_RATIOS),
-                  scenes=SceneConfig(min_short_side=None, height=96, width=144, min_clip_s=1.0, max_clip_s=3.0))
+    build_dataset(source=str(folder / "source"), output=str(output), config=str(TINY_BUILD_CONFIG))
     return output
 
 
 def tiny_run_config(dataset: Path, data_dir: Path, overrides: list[str] = ()) -> RunConfig:
     """configs/tiny.yaml pointed at `dataset`, with runs and MLflow under `data_dir`."""
-    return load_run_config(TINY_CONFIG, [f"data.root={dataset}", f"mlflow.data_dir={data_dir}",
-                                         f"train.runs_dir={data_dir / 'runs'}", *overrides])
+    return load_run_config(
+        TINY_CONFIG,
+        [f"data.root={dataset}", f"mlflow.data_dir={data_dir}", f"train.runs_dir={data_dir / 'runs'}", *overrides],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -56,5 +56,3 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.getbasetemp() / "project-data"
     folder.mkdir(exist_ok=True)
     return folder
-
-

@@ -4,6 +4,7 @@ The model is the tiny config's generator as initialised (no training: evaluate a
 not care how good it is), saved as a model folder and logged to an MLflow run with a short loss
 curve, exactly as the train flow logs its model. The end-to-end test trains for real.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,21 +14,13 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from models.transformer import ProductVideoGenerator
 from flows.evaluate import LOSS_METRIC
+from models.transformer import ProductVideoGenerator
 from storage import tracking
-from tasks.model_store import resolve_model_config, save_model_folder
-from tests.fixtures_dataset import tiny_data_dir, tiny_run_config  # noqa: F401 (fixtures)
+from tasks.training.model_store import resolve_model_config, save_model_folder
+from tests.fixtures_dataset import TINY_BUILD_CONFIG, tiny_run_config
 
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-# With the default 8:1:1 rule 4 products all land in train; these shares give every split one.
-SPLIT_SHARES = (0.5, 0.25, 0.25)
-
-
-# build-dataset's options for the tiny sources (weights-free backends, 96x144 clips of 1-3 s).
-BUILD_OPTIONS = {"segmenter": "classic", "background_removal": "classic",
-                 "scenes": {"min_short_side": None, "height": 96, "width": 144, "min_clip_s": 1.0, "max_clip_s": 3.0},
-                 "splits": {"ratios": SPLIT_SHARES}}
 
 
 def build_split_dataset(folder: Path, num_products: int = 4, seed: int = 3) -> Path:
@@ -38,7 +31,7 @@ def build_split_dataset(folder: Path, num_products: int = 4, seed: int = 3) -> P
     output = folder / "dataset"
     if not (output / "manifests" / "dataset.parquet").is_file():
         generate_studio(folder / "source", folder / "truth", StudioConfig.tiny(num_products=num_products, seed=seed))
-        build_dataset(source=str(folder / "source"), output=str(output), **BUILD_OPTIONS)
+        build_dataset(source=str(folder / "source"), output=str(output), config=str(TINY_BUILD_CONFIG))
     return output
 
 
@@ -74,13 +67,18 @@ def tiny_config_file(split_dataset, local_mlflow, tmp_path_factory) -> Path:
 def log_untrained_model(config_file: Path, folder: Path, losses=(1.0, 0.9, 0.8)) -> str:
     """Save the tiny generator as initialised into a model folder, log it to a new MLflow run at
     artifact path `model` with a loss curve; return `runs:/<id>/model`."""
-    from tasks.run_config import load_run_config
+    from tasks.training.run_config import load_run_config
 
     run_config = load_run_config(config_file)
     cfg = resolve_model_config(run_config.model, run_config.mlflow.data_dir)
     generator = ProductVideoGenerator.from_model_config(cfg)
-    save_model_folder(folder, generator, run_config, adapter_only=False,
-                      info={"stage": 2, "step": len(losses), "dataset_root": run_config.data.root})
+    save_model_folder(
+        folder,
+        generator,
+        run_config,
+        adapter_only=False,
+        info={"stage": 2, "step": len(losses), "dataset_root": run_config.data.root},
+    )
     experiment_id = tracking.setup_mlflow(run_config.mlflow.experiment, run_config.mlflow.data_dir)
     with mlflow.start_run(experiment_id=experiment_id, run_name="fixture-train") as run:
         for step, loss in enumerate(losses):

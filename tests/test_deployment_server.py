@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from demo.studio import StudioConfig, generate_studio
+from tasks.dataset.build_config import load_build_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -52,7 +53,13 @@ def prefect_server(tmp_path):
         "PYTHONPATH": str(REPO),
     }
     log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
     def healthy():
         try:
@@ -92,9 +99,18 @@ def test_deployment_run_on_a_real_server_and_ui(prefect_server, tmp_path):
     for pool in ("local-process", "gpu-process"):  # every pool prefect.yaml names
         _prefect(env, "work-pool", "create", pool, "--type", "process")
     _prefect(env, "--no-prompt", "deploy", "--name", "build-dataset/demo")
-    worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "local-process"], env=env, cwd=REPO, stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [BIN / "prefect", "worker", "start", "--pool", "local-process"],
+        env=env,
+        cwd=REPO,
+        stdout=open(tmp_path / "worker.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        params = ["--param", f"source={source}", "--param", f"output={output}", "--param", 'scenes={"min_short_side": null, "height": 96, "width": 144}']
+        # The deployment names configs/dataset/demo.yaml; a run adds overrides for the tiny sources.
+        overrides = '["scenes.min_short_side=null", "scenes.height=96", "scenes.width=144"]'
+        params = ["--param", f"source={source}", "--param", f"output={output}", "--param", f"overrides={overrides}"]
         printed = _prefect(env, "deployment", "run", "build-dataset/demo", *params)
         run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", printed).group(1)
 
@@ -107,7 +123,11 @@ def test_deployment_run_on_a_real_server_and_ui(prefect_server, tmp_path):
     finally:
         _stop(worker)
     assert (output / "dataset.json").exists()
-    artifacts = httpx.post(f"http://127.0.0.1:{port}/api/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    recorded = load_build_config(output / "build.yaml")  # the deployment's config with the run's overrides
+    assert (recorded.name, recorded.segmentation.backend, recorded.scenes.height) == ("demo", "classic", 96)
+    artifacts = httpx.post(
+        f"http://127.0.0.1:{port}/api/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    ).json()
     assert {"build-dataset-summary", "build-dataset-progress"} <= {a["key"] for a in artifacts}
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -119,9 +139,23 @@ def test_deployment_run_on_a_real_server_and_ui(prefect_server, tmp_path):
         (f"http://127.0.0.1:{port}/artifacts/artifact/{summary['id']}", "rejects"),
     ):
         dom = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom", url],
-            capture_output=True, text=True, timeout=120,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
         assert expected in dom, f"{url} did not show {expected!r}"

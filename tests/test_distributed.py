@@ -2,6 +2,7 @@
 1 rank trains on the same global batches (ddp and fsdp), checkpoints resume on another number of
 ranks (2 FSDP ranks -> 1 process, 1 process -> 2 DDP ranks), MLflow hears from rank 0 only, and
 the torchrun task streams the ranks' output and names the rank that died."""
+
 import json
 import logging
 import shutil
@@ -16,11 +17,11 @@ from prefect import flow
 
 from flows.train import precompute, train
 from storage.tracking import tracking_uri
-from tasks.distributed import rank_rows
-from tasks.model_store import load_model_folder
-from tasks.run_config import load_run_config
-from tasks.torchrun import TorchrunError, run_torchrun
-from tasks.train import TrainData, run_training
+from tasks.training.distributed import rank_rows
+from tasks.training.model_store import load_model_folder
+from tasks.training.run_config import load_run_config
+from tasks.training.torchrun import TorchrunError, run_torchrun
+from tasks.training.train import TrainData, run_training
 from tests.fixtures_dataset import TINY_CONFIG, tiny_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # torchrun ranks get OMP_NUM_THREADS=1
@@ -50,10 +51,20 @@ def run_overrides(dataset, tiny_data_dir):
     stand-in. Clipping at 0.05 is active, so FSDP's sharded gradient norm counts."""
     clips = len(TrainData.load(tiny_run_config(dataset, tiny_data_dir)).rows)
     assert clips >= 4, "the tiny dataset has too few train clips for these batches"
-    return [f"data.root={dataset}", f"mlflow.data_dir={tiny_data_dir}", f"train.runs_dir={tiny_data_dir / 'runs'}",
-            "train.stage1.max_steps=2", "train.stage1.batch_size=3", "train.stage2.epochs=2",
-            "train.stage2.max_steps=2", f"train.stage2.batch_size={clips - 1}", "train.stage2.grad_accum=2",
-            "train.checkpoint_every=1", "train.optimizer.max_grad_norm=0.05", "train.sample_every_epoch=0"]
+    return [
+        f"data.root={dataset}",
+        f"mlflow.data_dir={tiny_data_dir}",
+        f"train.runs_dir={tiny_data_dir / 'runs'}",
+        "train.stage1.max_steps=2",
+        "train.stage1.batch_size=3",
+        "train.stage2.epochs=2",
+        "train.stage2.max_steps=2",
+        f"train.stage2.batch_size={clips - 1}",
+        "train.stage2.grad_accum=2",
+        "train.checkpoint_every=1",
+        "train.optimizer.max_grad_norm=0.05",
+        "train.sample_every_epoch=0",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +123,7 @@ def assert_same_weights(folder, reference_folder):
     gate = "transformer.wan.blocks.0.attn1.processor.gate"
     assert expected_weights[gate].abs().sum() > 0  # the reference trained (the gates start at 0)
     for name, weight in found.state_dict().items():
-        torch.testing.assert_close(weight, expected_weights[name], **TOLERANCE, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(weight, expected_weights[name], **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_batch_rows_are_contiguous_near_equal_and_cover_the_batch():
@@ -160,8 +171,9 @@ def stop_after(run_dir: Path, step: int) -> None:
             shutil.rmtree(folder)
     shutil.rmtree(run_dir / "model")
     record = json.loads((run_dir / "run.json").read_text())
-    (run_dir / "run.json").write_text(json.dumps({k: v for k, v in record.items() if k != "result"}
-                                                 | {"status": "running"}))
+    (run_dir / "run.json").write_text(
+        json.dumps({k: v for k, v in record.items() if k != "result"} | {"status": "running"})
+    )
 
 
 def test_a_sharded_checkpoint_of_two_ranks_resumes_on_one_rank(fsdp_run, one_rank, run_overrides):

@@ -1,5 +1,6 @@
 """End to end on a tiny synthetic dataset: build-dataset -> precompute -> train (a few steps of
 each stage) -> evaluate -> register -> look up @champion -> generate an mp4 (the CLI)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ from storage import tracking
 from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.video import read_video
-from tasks.evaluate import split_rows
+from tasks.training.evaluate import split_rows
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +38,27 @@ def test_generate_from_champion_composites_into_the_input(trained_champion, spli
     root = DatasetRoot(split_dataset)
     masked = root.path(row["masked_video_path"])
     output = tmp_path / "out.mp4"
-    args = ["--masked-video", str(masked), "--masks", str(root.path(row["mask_dir"])),
-            "--images", *[str(root.path(p)) for p in row["product_images"][:2]], "--caption", row["caption"],
-            "--model", f"models:/{trained_champion['registry_name']}@champion", "--steps", "2",
-            "--seed", "1", "--trim", "--output", str(output), "--device", "cpu"]
+    args = [
+        "--masked-video",
+        str(masked),
+        "--masks",
+        str(root.path(row["mask_dir"])),
+        "--images",
+        *[str(root.path(p)) for p in row["product_images"][:2]],
+        "--caption",
+        row["caption"],
+        "--model",
+        f"models:/{trained_champion['registry_name']}@champion",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--trim",
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+    ]
     generate_cli(args)
 
     frames = read_video(output)

@@ -1,19 +1,20 @@
 """The evaluate flow on the tiny dataset: metrics per clip / split / category, the PoC report,
 registration with promotion, and its bad inputs (an empty split, a registry without champion)."""
+
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.evaluate import TRAINING_DATA_TAG, evaluate
+from flows.evaluate import evaluate
 from flows.evaluate import main as evaluate_cli
 from storage import tracking
 from storage.layout import DatasetRoot
-from tasks.evaluate import EvaluationError, read_rows, split_rows, training_data_hashes
+from tasks.training.evaluate import EvaluationError, read_rows, split_rows, training_data_hashes
+from tasks.training.registry import TRAINING_DATA_TAG
 from tests.fixtures_models import write_config
 
 pytestmark = pytest.mark.slow
@@ -23,8 +24,9 @@ NAME = "evaluate-test-model"
 @pytest.fixture(scope="module")
 def config_file(split_dataset, local_mlflow, tmp_path_factory) -> Path:
     """The tiny config, registering under this module's own model name."""
-    return write_config(tmp_path_factory.mktemp("evaluate") / "tiny.yaml", split_dataset, local_mlflow,
-                        [f"registry.model_name={NAME}"])
+    return write_config(
+        tmp_path_factory.mktemp("evaluate") / "tiny.yaml", split_dataset, local_mlflow, [f"registry.model_name={NAME}"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +84,12 @@ def test_a_model_that_is_not_better_does_not_move_champion(first_evaluation, log
     assert str(client.get_model_version_by_alias(NAME, tracking.CHALLENGER).version) == "2"
     # Evaluating the champion itself does not add a version.
     champion = evaluate(model=f"models:/{NAME}@champion", config=str(config_file), train_clips=0)
-    assert champion["registry"] == {"version": "1", "registered": False, "promoted": False,
-                                    "reason": "already a registry version"}
+    assert champion["registry"] == {
+        "version": "1",
+        "registered": False,
+        "promoted": False,
+        "reason": "already a registry version",
+    }
 
 
 def test_empty_split_is_a_clear_error(logged_model, config_file, split_dataset, tmp_path):
@@ -99,8 +105,10 @@ def test_registry_without_champion_is_a_clear_error(config_file):
 
 
 def test_the_command_line_says_what_is_missing_in_one_line(config_file, tmp_path, capsys):
-    for model, says in (("models:/nobody-registered-this@champion", "no version of nobody-registered-this"),
-                        (f"base:{tmp_path / 'missing.yaml'}", "names no usable run config")):
+    for model, says in (
+        ("models:/nobody-registered-this@champion", "no version of nobody-registered-this"),
+        (f"base:{tmp_path / 'missing.yaml'}", "names no usable run config"),
+    ):
         with pytest.raises(SystemExit) as stopped:
             evaluate_cli(["--model", model, "--config", str(config_file)])
         assert stopped.value.code == 2 and says in capsys.readouterr().err

@@ -1,10 +1,12 @@
 """generate's input checks (before any model loads) and a generation from a local model folder."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from flows.generate import GenerateInputError, load_inputs, main as generate_cli, nearest_valid_frames
+from flows.generate import GenerateInputError, load_inputs, nearest_valid_frames
+from flows.generate import main as generate_cli
 from storage.images import load_mask_png, save_png
 from storage.video import read_video, write_video
 
@@ -81,8 +83,20 @@ def test_cli_refuses_bad_input_and_existing_output_before_loading_a_model(tmp_pa
 def test_a_base_model_without_its_run_config_is_a_one_line_error(tmp_path, capsys):
     video, masks, photos = _inputs(tmp_path)
     with pytest.raises(SystemExit) as stopped:
-        generate_cli(["--video", str(video), "--masks", str(masks), "--images", *photos,
-                      "--model", f"base:{tmp_path / 'missing.yaml'}", "--output", str(tmp_path / "out.mp4")])
+        generate_cli(
+            [
+                "--video",
+                str(video),
+                "--masks",
+                str(masks),
+                "--images",
+                *photos,
+                "--model",
+                f"base:{tmp_path / 'missing.yaml'}",
+                "--output",
+                str(tmp_path / "out.mp4"),
+            ]
+        )
     assert stopped.value.code == 2 and "names no usable run config" in capsys.readouterr().err
     assert not (tmp_path / "out.mp4").exists()
 
@@ -96,9 +110,28 @@ def test_generates_from_a_local_model_folder_with_a_mask_video(logged_model, tmp
     folder = mlflow.artifacts.download_artifacts(logged_model, dst_path=str(tmp_path / "model"))
     video, masks, photos = _inputs(tmp_path, images=2)
     mask_video = tmp_path / "masks.mp4"
-    write_video(mask_video, [np.repeat(load_mask_png(p)[..., None], 3, -1).astype(np.uint8) * 255
-                             for p in sorted(masks.glob("*.png"))], fps=24)
+    write_video(
+        mask_video,
+        [np.repeat(load_mask_png(p)[..., None], 3, -1).astype(np.uint8) * 255 for p in sorted(masks.glob("*.png"))],
+        fps=24,
+    )
     output = tmp_path / "out.mp4"
-    generate_cli(["--video", str(video), "--masks", str(mask_video), "--images", *photos, "--checkpoint", folder,
-                  "--steps", "1", "--output", str(output), "--device", "cpu"])
+    generate_cli(
+        [
+            "--video",
+            str(video),
+            "--masks",
+            str(mask_video),
+            "--images",
+            *photos,
+            "--checkpoint",
+            folder,
+            "--steps",
+            "1",
+            "--output",
+            str(output),
+            "--device",
+            "cpu",
+        ]
+    )
     assert read_video(output).shape == (9, 32, 48, 3)

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.segmenters import GroundedSam2Segmenter, load_segmenter
-from models.segmenters import grounded_sam2
+from models.segmenters import GroundedSam2Segmenter, grounded_sam2, load_segmenter
 from models.segmenters.grounded_sam2 import detector_prompt, distinct_boxes
 from models.tiny import TINY_SAM2, TINY_SAM2_OVERRIDES  # small enough for CPU tests
 from storage.errors import SystemicError
 from storage.layout import DatasetRoot
 from storage.video import write_video
-from tasks.segment import SegmentConfig, segment_clip
+from tasks.dataset.segment import SegmentConfig, segment_clip
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "ceramic", "mug", "shoe"]
 
@@ -44,15 +43,33 @@ def weights(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(
-            image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-            window_size=4, out_indices=[2, 3, 4],
+            image_size=64,
+            patch_size=4,
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            window_size=4,
+            out_indices=[2, 3, 4],
         ),
         text_config=BertConfig(
-            vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=32, max_position_embeddings=64,
+            vocab_size=len(VOCAB),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
         ),
-        d_model=32, num_queries=20, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2, max_text_len=32,
+        d_model=32,
+        num_queries=20,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=32,
     )
     processor = GroundingDinoProcessor(
         image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
@@ -102,14 +119,19 @@ def test_stage_sets_aside_what_the_segmenter_finds_on_noise(weights, tmp_path):
     ds = DatasetRoot.create(tmp_path)
     with ds.atomic_file(ds.clip_video_rel("P001_c000")) as video:
         write_video(video, random_frames(6, 64, 96), fps=24)
-    clip = {"clip_key": "P001_c000", "product_id": "P001", "clip_id": "c000",
-            "video_path": ds.clip_video_rel("P001_c000"), "num_frames": 6}
+    clip = {
+        "clip_key": "P001_c000",
+        "product_id": "P001",
+        "clip_id": "c000",
+        "video_path": ds.clip_video_rel("P001_c000"),
+        "num_frames": 6,
+    }
     result = segment_clip(clip, "red mug", str(tmp_path), SegmentConfig(**weights))
     assert result["rows"] == [] and [r["reason_code"] for r in result["rejects"]] == ["multiple_products"]
     assert result["rejects"][0]["product_id"] == "P001" and not ds.path(ds.mask_dir_rel("P001_c000")).exists()
 
 
-CLASSIC_HINT = "use segmenter='classic'"
+CLASSIC_HINT = "use the classic segmenter (build config: segmentation.backend=classic"
 
 
 @pytest.mark.parametrize(
@@ -142,8 +164,10 @@ def test_detector_prompt_is_a_lower_case_phrase():
 
 def clips_of_several_sizes() -> list[np.ndarray]:
     rng = np.random.default_rng(1)
-    return [rng.integers(0, 255, shape, dtype=np.uint8) for shape in
-            [(6, 48, 72, 3), (5, 48, 72, 3), (4, 40, 64, 3), (3, 48, 72, 3)]]
+    return [
+        rng.integers(0, 255, shape, dtype=np.uint8)
+        for shape in [(6, 48, 72, 3), (5, 48, 72, 3), (4, 40, 64, 3), (3, 48, 72, 3)]
+    ]
 
 
 def test_batched_path_equals_one_clip_at_a_time(weights, monkeypatch):
@@ -177,8 +201,8 @@ def test_every_frame_is_encoded_once_and_tracking_reuses_it(weights, monkeypatch
 def test_several_objects_are_tracked_in_one_state(weights):
     segmenter = load_segmenter(SegmentConfig(**weights, duplicate_box_overlap=1.0))
     clip = clips_of_several_sizes()[0]
-    one, = segmenter.segment_many([clip], ["red mug"])
-    several, = segmenter.segment_many([clip], ["red mug"], max_objects=3)
+    (one,) = segmenter.segment_many([clip], ["red mug"])
+    (several,) = segmenter.segment_many([clip], ["red mug"], max_objects=3)
     assert several.num_objects == one.num_objects >= 3
     assert (several.masks >= one.masks).all()  # the best product's mask, merged with the others'
 
@@ -192,7 +216,7 @@ def test_state_from_memory_has_what_init_state_builds(weights, tmp_path):
     for i, rgb in enumerate(frames):
         Image.fromarray(rgb).save(tmp_path / f"{i:05d}.jpg")
     from_files = predictor.init_state(str(tmp_path))
-    encoded, = segmenter._encode([frames])
+    (encoded,) = segmenter._encode([frames])
     from_memory = grounded_sam2.video_state(predictor, encoded.images, encoded.cached_features, 48, 72)
     assert from_memory.keys() == from_files.keys()
     for key in ("num_frames", "video_height", "video_width", "device", "storage_device"):

@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from tasks.assemble import SplitConfig, assemble, assign_splits
-from tasks.ingest import ingest_source
+from tasks.dataset.assemble import SplitConfig, assemble, assign_splits
+from tasks.dataset.ingest import ingest_source
 
 
 def make_product(root, pid, videos=("a.mp4",), images=("front.jpg", "side.jpg", "back.jpg"), meta=None):
@@ -41,8 +41,16 @@ def test_ingest_validates_and_hashes(tmp_path):
     assert ids["BOX0002"]["category"] == "box" and ids["BOX0002"]["prompt"] == "box"
     codes = Counter(r["reason_code"] for r in out["rejects"])
     assert codes == Counter(
-        {"product_id_invalid": 2, "product_id_duplicate": 2, "no_videos": 1, "too_few_images": 1,
-         "product_metadata_invalid": 1, "product_metadata_conflict": 1, "product_missing": 1, "unsupported_extension": 1}
+        {
+            "product_id_invalid": 2,
+            "product_id_duplicate": 2,
+            "no_videos": 1,
+            "too_few_images": 1,
+            "product_metadata_invalid": 1,
+            "product_metadata_conflict": 1,
+            "product_missing": 1,
+            "unsupported_extension": 1,
+        }
     )
     files = out["source_files"]
     assert len(files) == 2 * (1 + 3)
@@ -85,17 +93,50 @@ def test_splits_are_stratified_sticky_and_disjoint():
 
 
 def test_assemble_joins_stages_and_writes_the_seed_schema():
-    products = [{"product_id": p, "category": "box", "caption": f"{p} cap", "prompt": "box", "num_videos": 1, "num_images": 3} for p in ("A", "B", "C")]
-    clips = [{"clip_key": f"{p}_c1", "product_id": p, "clip_id": "c1", "video_path": f"video_clips/{p}_c1.mp4", "num_frames": 72, "fps": 24.0} for p in ("A", "B", "C")]
+    products = [
+        {"product_id": p, "category": "box", "caption": f"{p} cap", "prompt": "box", "num_videos": 1, "num_images": 3}
+        for p in ("A", "B", "C")
+    ]
+    clips = [
+        {
+            "clip_key": f"{p}_c1",
+            "product_id": p,
+            "clip_id": "c1",
+            "video_path": f"video_clips/{p}_c1.mp4",
+            "num_frames": 72,
+            "fps": 24.0,
+        }
+        for p in ("A", "B", "C")
+    ]
     masks = [{"clip_key": k, "mask_dir": f"masks/{k}/"} for k in ("A_c1", "B_c1", "C_c1")]
-    masked = [{"clip_key": k, "masked_video_path": f"masked_videos/{k}.mp4"} for k in ("A_c1", "C_c1")]  # B lost its masked video
-    images = [{"product_id": p, "image_path": f"product_images/{p}/{v}.png"} for p in ("A", "B") for v in ("front", "side", "back")]  # C has no photos
+    masked = [
+        {"clip_key": k, "masked_video_path": f"masked_videos/{k}.mp4"} for k in ("A_c1", "C_c1")
+    ]  # B lost its masked video
+    images = [
+        {"product_id": p, "image_path": f"product_images/{p}/{v}.png"}
+        for p in ("A", "B")
+        for v in ("front", "side", "back")
+    ]  # C has no photos
     rows, ds, rejects = assemble(products, clips, masks, masked, images, {}, SplitConfig())
     assert [r["clip_key"] for r in rows] == ["A_c1"]
     assert [r["reason_code"] for r in rejects] == ["no_usable_clips"] and rejects[0]["product_id"] == "B"
     entry = ds["train"][0]
-    assert list(entry) == ["product_id", "clip_id", "video_path", "masked_video_path", "mask_dir", "product_images", "caption", "num_frames", "fps"]
-    assert entry["product_images"] == ["product_images/A/back.png", "product_images/A/front.png", "product_images/A/side.png"]
+    assert list(entry) == [
+        "product_id",
+        "clip_id",
+        "video_path",
+        "masked_video_path",
+        "mask_dir",
+        "product_images",
+        "caption",
+        "num_frames",
+        "fps",
+    ]
+    assert entry["product_images"] == [
+        "product_images/A/back.png",
+        "product_images/A/front.png",
+        "product_images/A/side.png",
+    ]
     assert ds["val"] == [] and ds["test"] == []
 
 

@@ -13,7 +13,7 @@ import pytest
 from storage.images import save_png
 from storage.schemas import to_table
 from storage.video import EncodeSettings, read_video, write_video
-from tasks.masking import MaskConfig, fill_frame, mask_clip
+from tasks.dataset.masking import MaskConfig, fill_frame, mask_clip
 
 T, H, W, FPS = 12, 64, 96, 24.0
 
@@ -96,13 +96,16 @@ def test_noise_fill_is_deterministic_per_clip(tmp_path):
     assert np.abs(first - other_seed)[inside].mean() > 40
 
 
-@pytest.mark.parametrize("break_it, code", [
-    ("masks_row_frames", "frame_count_mismatch"),
-    ("short_video", "frame_count_mismatch"),
-    ("missing_png", "mask_missing"),
-    ("corrupt_png", "mask_unreadable"),
-    ("missing_video", "video_unreadable"),
-])
+@pytest.mark.parametrize(
+    "break_it, code",
+    [
+        ("masks_row_frames", "frame_count_mismatch"),
+        ("short_video", "frame_count_mismatch"),
+        ("missing_png", "mask_missing"),
+        ("corrupt_png", "mask_unreadable"),
+        ("missing_video", "video_unreadable"),
+    ],
+)
 def test_clips_whose_masks_do_not_line_up_are_rejected(tmp_path, break_it, code):
     clip, masks_row, _ = make_clip(tmp_path)
     if break_it == "masks_row_frames":

@@ -1,5 +1,6 @@
 """Metric functions against independent implementations and closed forms; network metrics never
 produce a number without trained weights."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,16 +21,24 @@ def _videos(seed=0, frames=3, height=32, width=40):
 
 
 def _skimage_ssim(pred_frame, target_frame, full=False):
-    return structural_similarity(pred_frame, target_frame, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False, data_range=1.0, channel_axis=-1,
-                                 full=full)
+    return structural_similarity(
+        pred_frame,
+        target_frame,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
+        channel_axis=-1,
+        full=full,
+    )
 
 
 def test_psnr_matches_skimage_on_whole_video_and_on_mask_pixels_of_both_sides():
     pred, target, masks = _videos()
     assert m.psnr(pred, target) == pytest.approx(peak_signal_noise_ratio(target, pred, data_range=1.0))
     assert m.psnr(pred, target, masks) == pytest.approx(
-        peak_signal_noise_ratio(target[masks], pred[masks], data_range=1.0))
+        peak_signal_noise_ratio(target[masks], pred[masks], data_range=1.0)
+    )
     # Differences outside the mask do not count in the mask region (both sides compared there).
     spoiled = pred.copy()
     spoiled[~masks] = 1 - spoiled[~masks]
@@ -41,7 +50,8 @@ def test_psnr_matches_skimage_on_whole_video_and_on_mask_pixels_of_both_sides():
 def test_ssim_matches_skimage_whole_frame_and_its_map_inside_the_mask():
     pred, target, masks = _videos(seed=1)
     assert m.ssim(pred, target) == pytest.approx(
-        np.mean([_skimage_ssim(p, t) for p, t in zip(pred, target)]), abs=1e-10)
+        np.mean([_skimage_ssim(p, t) for p, t in zip(pred, target)]), abs=1e-10
+    )
     maps = np.stack([_skimage_ssim(p, t, full=True)[1].mean(axis=-1) for p, t in zip(pred, target)])
     assert m.ssim(pred, target, masks) == pytest.approx(maps[masks].mean(), abs=1e-10)
     assert m.ssim(target, target) == pytest.approx(1.0)
@@ -62,11 +72,13 @@ def test_frechet_distance_matches_closed_forms():
     # Isotropic: sigma = s^2 I -> ||mu1 - mu2||^2 + d (s1 - s2)^2
     s1, s2 = 0.7, 1.9
     assert m.frechet_distance(mu1, s1**2 * np.eye(d), mu2, s2**2 * np.eye(d)) == pytest.approx(
-        np.sum((mu1 - mu2) ** 2) + d * (s1 - s2) ** 2)
+        np.sum((mu1 - mu2) ** 2) + d * (s1 - s2) ** 2
+    )
     # Diagonal: sum of (sqrt(a_i) - sqrt(b_i))^2
     a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
     assert m.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(
-        np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2))
+        np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    )
     # General, well conditioned: the textbook formula with scipy's sqrtm of S1 S2.
     x, y = rng.normal(size=(d, d)), rng.normal(size=(d, d))
     c1, c2 = x @ x.T + 0.1 * np.eye(d), y @ y.T + 0.1 * np.eye(d)
@@ -97,7 +109,7 @@ def _moving_texture(frames=5, shift=2, size=64):
 
     big = cv2.resize(base.astype(np.float32), (base.shape[1] * 4, size), interpolation=cv2.INTER_CUBIC)
     big = np.clip(big, 0, 1)
-    return np.stack([big[:, (frames - t) * shift:(frames - t) * shift + size] for t in range(frames)])
+    return np.stack([big[:, (frames - t) * shift : (frames - t) * shift + size] for t in range(frames)])
 
 
 def test_warping_error_is_small_for_consistent_motion_and_large_for_flicker():
@@ -128,8 +140,9 @@ def test_with_no_weights_configured_every_network_metric_is_unavailable():
 
 def test_a_configured_network_that_does_not_load_says_why(tmp_path):
     pred, _, masks = _videos()
-    networks = m.MetricNetworks(clip=str(tmp_path / "missing"), dino=str(tmp_path / "missing"),
-                                local_files_only=True, lpips_net="alex")
+    networks = m.MetricNetworks(
+        clip=str(tmp_path / "missing"), dino=str(tmp_path / "missing"), local_files_only=True, lpips_net="alex"
+    )
     assert "did not load" in m.clip_i(pred, masks, [pred[0]], networks)["unavailable"]
     assert "did not load" in m.dino_score(pred, masks, [pred[0]], networks)["unavailable"]
     whole, inside = m.lpips(pred, pred, masks, networks)
@@ -140,19 +153,32 @@ def test_a_configured_network_that_does_not_load_says_why(tmp_path):
 def tiny_networks(tmp_path_factory):
     """Random tiny CLIP / VideoMAE saved like real checkpoints, marked as untrained test weights."""
     import transformers
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, VideoMAEConfig,
-                              VideoMAEImageProcessor, VideoMAEModel)
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        VideoMAEConfig,
+        VideoMAEImageProcessor,
+        VideoMAEModel,
+    )
 
     transformers.logging.set_verbosity_error()
     root = tmp_path_factory.mktemp("networks")
     tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    CLIPModel(CLIPConfig(text_config={**tower, "vocab_size": 64},
-                         vision_config={**tower, "image_size": 32, "patch_size": 8},
-                         projection_dim=8)).save_pretrained(root / "clip")
+    CLIPModel(
+        CLIPConfig(
+            text_config={**tower, "vocab_size": 64},
+            vision_config={**tower, "image_size": 32, "patch_size": 8},
+            projection_dim=8,
+        )
+    ).save_pretrained(root / "clip")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
-    VideoMAEModel(VideoMAEConfig(**tower, image_size=32, patch_size=8, num_frames=4,
-                                 tubelet_size=2)).save_pretrained(root / "videomae")
-    VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "videomae")
+    VideoMAEModel(VideoMAEConfig(**tower, image_size=32, patch_size=8, num_frames=4, tubelet_size=2)).save_pretrained(
+        root / "videomae"
+    )
+    VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "videomae"
+    )
     for folder in ("clip", "videomae"):
         m.mark_untrained_test_weights(root / folder)
     return root
@@ -174,14 +200,16 @@ def test_untrained_test_weights_load_only_when_allowed_and_values_say_so(tiny_ne
 
 def test_a_checkpoint_of_the_wrong_type_is_refused_not_randomly_completed(tiny_networks):
     pred, _, masks = _videos()
-    networks = m.MetricNetworks(dino=str(tiny_networks / "clip"), local_files_only=True,
-                                allow_untrained_test_weights=True)
+    networks = m.MetricNetworks(
+        dino=str(tiny_networks / "clip"), local_files_only=True, allow_untrained_test_weights=True
+    )
     assert "lacks" in m.dino_score(pred, masks, [pred[0]], networks)["unavailable"]
 
 
 def test_aggregate_means_per_category_and_fvd_from_clip_features(tiny_networks):
-    networks = m.MetricNetworks(fvd=str(tiny_networks / "videomae"), local_files_only=True,
-                                allow_untrained_test_weights=True)
+    networks = m.MetricNetworks(
+        fvd=str(tiny_networks / "videomae"), local_files_only=True, allow_untrained_test_weights=True
+    )
     rows = []
     for seed, category in enumerate(["ring", "ring", "watch", "watch"]):
         pred, target, masks = _videos(seed=seed, frames=4)
@@ -192,7 +220,9 @@ def test_aggregate_means_per_category_and_fvd_from_clip_features(tiny_networks):
     assert ring[m.PSNR]["n"] == 2 and summary["overall"][m.PSNR]["n"] == 4
     fvd = summary["overall"][m.FVD]
     assert fvd["n"] == 4 and fvd["value"] >= 0 and fvd["note"] == m.UNTRAINED_NOTE
-    same = [{**r, m.VIDEO_FEATURES: {"generated": r[m.VIDEO_FEATURES]["real"],
-                                     "real": r[m.VIDEO_FEATURES]["real"]}} for r in rows]
+    same = [
+        {**r, m.VIDEO_FEATURES: {"generated": r[m.VIDEO_FEATURES]["real"], "real": r[m.VIDEO_FEATURES]["real"]}}
+        for r in rows
+    ]
     assert m.aggregate(same)["overall"][m.FVD]["value"] == pytest.approx(0, abs=1e-6)
     assert "unavailable" in summary["overall"][m.CLIP_I]

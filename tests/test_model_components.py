@@ -1,4 +1,5 @@
 """Config files, mask packing, product encoder shapes, compositing and the guidance formula."""
+
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_composite_leaves_unmasked_pixels_exactly(feather_px):
     generated = torch.rand(1, 3, 5, 32, 32, generator=generator)
     out = composite(generated, masked_video, mask, feather_px)
     region = torch.zeros_like(mask, dtype=torch.bool)  # the mask grown by feather_px (box)
-    region[..., 10 - feather_px:20 + feather_px, 12 - feather_px:22 + feather_px] = True
+    region[..., 10 - feather_px : 20 + feather_px, 12 - feather_px : 22 + feather_px] = True
     outside = ~region.expand_as(out)
     assert torch.equal(out[outside], masked_video[outside])
     inside = mask.bool().expand_as(out)

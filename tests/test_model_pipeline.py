@@ -1,4 +1,5 @@
 """The sampler end to end on tiny components: determinism, compositing, guidance branches."""
+
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,23 @@ def scene(batch=2, frames=5):
     video = torch.randint(0, 256, (batch, 3, frames, 32, 48), generator=g).float() / 255
     mask = torch.zeros(batch, 1, frames, 32, 48)
     mask[..., 8:24, 16:40] = 1
-    images = [[np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8) for i in range(n)]
-              for n in (1, 4)][:batch]
+    images = [
+        [np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8) for i in range(n)] for n in (1, 4)
+    ][:batch]
     return video * (1 - mask), mask, images
 
 
 def generate(pipe, seed, **kwargs):
     masked_video, mask, images = scene()
-    return pipe(masked_video, mask, images, ["a red bag on a table", "a silver watch"], num_inference_steps=3,
-                generator=torch.Generator().manual_seed(seed), **kwargs)
+    return pipe(
+        masked_video,
+        mask,
+        images,
+        ["a red bag on a table", "a silver watch"],
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
 
 
 def test_same_seed_same_video_other_seed_other_video(pipe):
@@ -55,7 +64,7 @@ def test_unmasked_pixels_are_returned_exactly(pipe):
     for feather_px in (0, 2):
         video = generate(pipe, 0, feather_px=feather_px)
         outside = torch.ones_like(mask, dtype=torch.bool)
-        outside[..., 8 - feather_px:24 + feather_px, 16 - feather_px:40 + feather_px] = False
+        outside[..., 8 - feather_px : 24 + feather_px, 16 - feather_px : 40 + feather_px] = False
         outside = outside.expand_as(video)
         assert torch.equal(video[outside], masked_video[outside])
     as_uint8 = generate(pipe, 0, output_type="np")

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from models.config import ObjectiveConfig
-from models.objective import (banded_losses, draw_noise, flow_matching_loss, loss_parts, sample_condition_keep,
-                              sample_sigmas, shift_sigmas)
+from models.objective import (
+    banded_losses,
+    draw_noise,
+    flow_matching_loss,
+    loss_parts,
+    sample_condition_keep,
+    sample_sigmas,
+    shift_sigmas,
+)
 from models.spec import set_trainable, specification
 from models.tiny import TINY_TEXT_DIM
 from models.transformer import pack_mask
@@ -60,17 +67,23 @@ def test_exactly_the_stage_parameters_receive_gradients(tiny_cfg, stage):
     trainable = set_trainable(model, spec.trainable_names(model, stage))
     assert trainable == expected_trainable(names, stage)
     # Sanity of the split itself: the product layers are adapters, Wan's own weights are not.
-    assert {"product_encoder.query_tokens", "transformer.wan.blocks.1.attn2.processor.gate",
-            "transformer.wan.blocks.1.attn1.processor.gate",
-            "transformer.wan.blocks.1.attn1.processor.lora_k.up.weight"} <= trainable
+    assert {
+        "product_encoder.query_tokens",
+        "transformer.wan.blocks.1.attn2.processor.gate",
+        "transformer.wan.blocks.1.attn1.processor.gate",
+        "transformer.wan.blocks.1.attn1.processor.lora_k.up.weight",
+    } <= trainable
     assert ("transformer.wan.blocks.0.attn1.to_q.weight" in trainable) == (stage != "adapter")
-    embedders_and_head = {"transformer.wan.condition_embedder.text_embedder.linear_1.weight",
-                          "transformer.wan.proj_out.weight"}
+    embedders_and_head = {
+        "transformer.wan.condition_embedder.text_embedder.linear_1.weight",
+        "transformer.wan.proj_out.weight",
+    }
     assert (embedders_and_head <= trainable) == (stage == "scratch")
 
     open_gates(model)
-    cfg = ObjectiveConfig(drop_text_prob=0, drop_product_prob=0, drop_both_prob=0, masked_region_weight=1.0,
-                          mask_loss_weight=1.0)
+    cfg = ObjectiveConfig(
+        drop_text_prob=0, drop_product_prob=0, drop_both_prob=0, masked_region_weight=1.0, mask_loss_weight=1.0
+    )
     flow_matching_loss(spec, model, make_batch(), cfg, torch.Generator().manual_seed(0)).backward()
     # The last block's reference queries lead nowhere: reference tokens leave the model before the head.
     last = len(model.transformer.wan.blocks) - 1
@@ -164,8 +177,9 @@ def test_loss_decreases_when_overfitting_one_batch(tiny_cfg):
 
     def evaluate():
         with torch.no_grad():
-            return sum(flow_matching_loss(spec, model, batch, cfg, torch.Generator().manual_seed(d)).item()
-                       for d in draws) / len(draws)
+            return sum(
+                flow_matching_loss(spec, model, batch, cfg, torch.Generator().manual_seed(d)).item() for d in draws
+            ) / len(draws)
 
     before = evaluate()
     for step in range(32):
@@ -185,10 +199,14 @@ def test_always_dropping_the_product_keeps_the_product_branch_exactly_closed(tin
     spec = both_paths(tiny_cfg)
     model = spec.build_generator()
     trainable = set_trainable(model, spec.trainable_names(model, "full"))
-    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if n in trainable], lr=1e-2,
-                                  weight_decay=0.01)
-    cfg = ObjectiveConfig(drop_text_prob=0.15 if gates_open else 0.0, drop_product_prob=drop_product,
-                          drop_both_prob=0.05 if gates_open else 0.15)
+    optimizer = torch.optim.AdamW(
+        [p for n, p in model.named_parameters() if n in trainable], lr=1e-2, weight_decay=0.01
+    )
+    cfg = ObjectiveConfig(
+        drop_text_prob=0.15 if gates_open else 0.0,
+        drop_product_prob=drop_product,
+        drop_both_prob=0.05 if gates_open else 0.15,
+    )
     for step in range(4):
         loss = flow_matching_loss(spec, model, make_batch(seed=step), cfg, torch.Generator().manual_seed(step))
         optimizer.zero_grad()
@@ -206,8 +224,11 @@ def test_the_specification_is_the_one_place_that_loads_models_and_chooses_weight
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    offenders = [f"{path.relative_to(root)}:{number}" for folder in ("tasks", "flows")
-                 for path in sorted((root / folder).glob("*.py"))
-                 for number, line in enumerate(path.read_text().splitlines(), 1)
-                 if ".from_pretrained(" in line or ".requires_grad_(" in line]
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for folder in ("tasks", "flows")
+        for path in sorted((root / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if ".from_pretrained(" in line or ".requires_grad_(" in line
+    ]
     assert offenders == []

@@ -37,8 +37,7 @@ def randomize_new_weights(model: ProductWanTransformer, seed=1):
 
 def test_initial_model_is_the_plain_wan_function(tiny_cfg):
     plain = WanTransformer3DModel.from_pretrained(tiny_cfg.base_model, subfolder="transformer").eval()
-    model = ProductWanTransformer.from_base(tiny_cfg.base_model, num_product_tokens=K,
-                                            product_attention_heads=1).eval()
+    model = ProductWanTransformer.from_base(tiny_cfg.base_model, num_product_tokens=K, product_attention_heads=1).eval()
     assert model.wan.config.in_channels == 36 and plain.config.in_channels == 16
     z_t, z_masked, packed, text, product, timestep = inputs()
     with torch.no_grad():
@@ -110,8 +109,9 @@ def directory_bytes(folder):
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-@pytest.mark.parametrize("reference,attention", [("clip", "joint"), ("latents", "gated"), ("latents", "joint"),
-                                                  ("both", "gated")])
+@pytest.mark.parametrize(
+    "reference,attention", [("clip", "joint"), ("latents", "gated"), ("latents", "joint"), ("both", "gated")]
+)
 def test_full_and_adapter_round_trips(tiny_cfg, tmp_path, reference, attention):
     cfg = tiny_cfg.model_copy(update={"reference": reference, "reference_attention": attention})
     spec = specification(cfg)
@@ -125,8 +125,14 @@ def test_full_and_adapter_round_trips(tiny_cfg, tmp_path, reference, attention):
 
     z_t, z_masked, packed, text, _, timestep = inputs()
     photo_mask = torch.tensor([[True, False, False], [True, True, True]])
-    batch = {"masked_latents": z_masked, "packed_mask": packed, "text_embeds": text, "photo_mask": photo_mask,
-             "image_tokens": torch.randn(2, 3, 17, 32), "reference_latents": torch.randn(2, 3, 16, 4, 6)}
+    batch = {
+        "masked_latents": z_masked,
+        "packed_mask": packed,
+        "text_embeds": text,
+        "photo_mask": photo_mask,
+        "image_tokens": torch.randn(2, 3, 17, 32),
+        "reference_latents": torch.randn(2, 3, 16, 4, 6),
+    }
     with torch.no_grad():
         expected = spec.predict(generator, batch, z_t, timestep)
         for kind in ("full", "adapter"):
@@ -145,6 +151,7 @@ def test_adapter_rejects_mismatched_weights(tiny_cfg, tmp_path):
     model = ProductWanTransformer.from_base(tiny_cfg.base_model, num_product_tokens=K, inject_layers=[0])
     model.save_adapter(tmp_path)
     (tmp_path / "adapter_config.json").write_text(
-        (tmp_path / "adapter_config.json").read_text().replace("[\n    0\n  ]", "\"all\""))
+        (tmp_path / "adapter_config.json").read_text().replace("[\n    0\n  ]", '"all"')
+    )
     with pytest.raises(ValueError, match="do not match"):
         ProductWanTransformer.from_pretrained(tmp_path)

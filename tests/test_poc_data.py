@@ -1,4 +1,5 @@
 """The PoC's rendered dataset (experiments/poc/render.py) and gate 1 (experiments/poc/brackets.py)."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.poc.brackets import measure_brackets
 from demo.studio import colourway_shape
+from experiments.poc.brackets import measure_brackets
 from experiments.poc.render import CUTOUT_SIZE, HEIGHT, PHOTO_VIEWS, WIDTH, poc_studio, render_poc_dataset
 from storage.hashing import sha256_file
 from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.video import read_video
-from tasks.precompute import clip_items, load_clip_window
+from tasks.training.precompute import clip_items, load_clip_window
 
 PRODUCTS = 8  # two shapes of four colourways: enough for train, val and test
 
@@ -31,8 +32,7 @@ def rendered(tmp_path_factory) -> DatasetRoot:
 
 def _rows_of(root: DatasetRoot, product_ids: set[str]) -> dict:
     names = ("clips", "masks", "masked_videos", "product_images")
-    return {name: [r for r in root.read_manifest(name).to_pylist() if r["product_id"] in product_ids]
-            for name in names}
+    return {name: [r for r in root.read_manifest(name).to_pylist() if r["product_id"] in product_ids] for name in names}
 
 
 def test_render_is_deterministic_from_the_seed(rendered, tmp_path):
@@ -73,7 +73,7 @@ def test_colourways_share_shape_and_motion_and_differ_in_colour(rendered):
     for pids in by_shape.values():
         assert len({masks[p] for p in pids}) == 1  # same shape, same camera plan: the same true masks
         for a, b in itertools.combinations(pids, 2):
-            rgb = [tuple(int(truth[p]["colours"]["primary"][i:i + 2], 16) for i in (1, 3, 5)) for p in (a, b)]
+            rgb = [tuple(int(truth[p]["colours"]["primary"][i : i + 2], 16) for i in (1, 3, 5)) for p in (a, b)]
             assert math.dist(*rgb) >= 90, (a, b, rgb)
 
 
@@ -108,7 +108,8 @@ def test_brackets_give_finite_figures_and_photos_beat_the_dataset_mean(rendered)
         assert all(math.isfinite(v) for v in clip.values())
         assert clip["photo_mean"] > clip["dataset_mean"], clip
     assert result["margin_db"] == pytest.approx(
-        result["summary"]["photo_mean"]["mean"] - result["summary"]["dataset_mean"]["mean"])
+        result["summary"]["photo_mean"]["mean"] - result["summary"]["dataset_mean"]["mean"]
+    )
 
 
 def test_brackets_vae_round_trip(rendered, tmp_path):
@@ -116,8 +117,9 @@ def test_brackets_vae_round_trip(rendered, tmp_path):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
-                     attn_scales=[]).save_pretrained(tmp_path / "base" / "vae")
+    AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False], attn_scales=[]
+    ).save_pretrained(tmp_path / "base" / "vae")
     result = measure_brackets(rendered.root, frames=5, stride=2, vae_folder=tmp_path / "base")
     vae = [clip["vae"] for clip in result["per_clip"].values()]
     assert all(math.isfinite(v) and v > 0 for v in vae)  # a random VAE: a number, not a good one
@@ -136,7 +138,7 @@ def test_vae_crops_hold_the_product_and_its_pixels_weigh_more(rendered):
         for _ in range(8):
             top, left = product_crop(mask, generator)
             assert top % 8 == 0 and left % 8 == 0 and top + CROP[0] <= HEIGHT and left + CROP[1] <= WIDTH
-            assert mask[..., top:top + CROP[0], left:left + CROP[1]].sum() > 0.5 * mask.sum() / mask.shape[1]
+            assert mask[..., top : top + CROP[0], left : left + CROP[1]].sum() > 0.5 * mask.sum() / mask.shape[1]
     empty = torch.zeros_like(masks[0])
     top, left = product_crop(empty, generator)
     assert 0 <= top <= HEIGHT - CROP[0] and 0 <= left <= WIDTH - CROP[1]

@@ -1,5 +1,6 @@
 """Precompute on a built tiny dataset: stored tensors per product and clip window, manifest,
 caching per product, incremental runs, missing / corrupt latents."""
+
 import json
 import shutil
 
@@ -12,9 +13,18 @@ from flows.train import precompute
 from models.pipeline import encode_reference_photos, encode_video, fill_masked
 from storage.hashing import sha256_file
 from storage.layout import DatasetRoot
-from tasks.precompute import (LatentsError, LatentSpec, _encoders, load_clip_window, load_clip_windows,
-                              load_product_photos, precompute_product, product_items, window_starts)
-from tasks.train import TrainData, TrainingError
+from tasks.training.precompute import (
+    LatentsError,
+    LatentSpec,
+    _encoders,
+    load_clip_window,
+    load_clip_windows,
+    load_product_photos,
+    precompute_product,
+    product_items,
+    window_starts,
+)
+from tasks.training.train import TrainData, TrainingError
 from tests.fixtures_dataset import TINY_CONFIG, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -80,11 +90,21 @@ def test_every_clip_gets_its_tensors_and_a_manifest_row(first_run, dataset, tiny
         tensors = load_file(dataset / entry["path"])
         photos = load_file(dataset / entry["product_path"])
         images = min(len(row["product_images"]), cfg.data.max_product_images)
-        assert {k: list(v.shape) for k, v in tensors.items()} == json.loads(entry["shapes"]) == {
-            "latents": [16, 3, 8, 12], "masked_latents": [16, 3, 8, 12], "packed_mask": [4, 3, 8, 12],
-            "text_embeds": [16, 32]}
-        assert {k: list(v.shape) for k, v in photos.items()} == json.loads(entry["product_shapes"]) == {
-            "reference_latents": [images, 16, 8, 12]}
+        assert (
+            {k: list(v.shape) for k, v in tensors.items()}
+            == json.loads(entry["shapes"])
+            == {
+                "latents": [16, 3, 8, 12],
+                "masked_latents": [16, 3, 8, 12],
+                "packed_mask": [4, 3, 8, 12],
+                "text_embeds": [16, 32],
+            }
+        )
+        assert (
+            {k: list(v.shape) for k, v in photos.items()}
+            == json.loads(entry["product_shapes"])
+            == {"reference_latents": [images, 16, 8, 12]}
+        )
         assert entry["num_images"] == images and tensors["packed_mask"].max() > 0
 
 
@@ -103,8 +123,9 @@ def test_stored_tensors_are_the_specifications_encodings(first_run, dataset, tin
     torch.testing.assert_close(stored["masked_latents"], expected)
     assert not torch.allclose(stored["masked_latents"], stored["latents"])
     photos = load_product_photos(root, row["product_images"], cfg.data.max_product_images)
-    torch.testing.assert_close(load_file(folder / "photos.safetensors")["reference_latents"],
-                               encode_reference_photos(vae, photos, 64, 96))
+    torch.testing.assert_close(
+        load_file(folder / "photos.safetensors")["reference_latents"], encode_reference_photos(vae, photos, 64, 96)
+    )
 
 
 def test_several_windows_per_clip_cover_the_clip(first_run, dataset, tiny_data_dir, tmp_path):

@@ -19,7 +19,7 @@ from models.background import classic_alpha, rembg_alpha, rembg_session
 from storage.errors import SystemicError
 from storage.images import load_photo
 from storage.schemas import to_table
-from tasks.product_images import ImageConfig, process_product_images, view_names
+from tasks.dataset.product_images import ImageConfig, process_product_images, view_names
 
 BACKDROP = (236, 236, 232)
 PRODUCT = (180, 40, 30)
@@ -228,7 +228,9 @@ def test_a_model_that_cannot_load_is_systemic(tmp_path, monkeypatch):
         process_product_images("P1", images, str(tmp_path / "out"), missing)
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     with pytest.raises(SystemicError, match="could not load"):
-        process_product_images("P1", images, str(tmp_path / "out"), ImageConfig(rembg_model=str(tmp_path / "broken.onnx")))
+        process_product_images(
+            "P1", images, str(tmp_path / "out"), ImageConfig(rembg_model=str(tmp_path / "broken.onnx"))
+        )
 
     # A named model is downloaded on first use; here (as on any offline machine) that fails.
     import pooch
@@ -239,6 +241,6 @@ def test_a_model_that_cannot_load_is_systemic(tmp_path, monkeypatch):
     monkeypatch.setenv("U2NET_HOME", str(tmp_path / "rembg_home"))
     monkeypatch.setattr(pooch, "retrieve", offline)
     rembg_session.cache_clear()
-    with pytest.raises(SystemicError, match="'u2net' could not be loaded.*background_removal='classic'"):
+    with pytest.raises(SystemicError, match="'u2net' could not be loaded.*images.backend=classic"):
         process_product_images("P1", images, str(tmp_path / "out"), ImageConfig(rembg_model="u2net"))
     assert not (tmp_path / "out/product_images/P1").exists()

@@ -23,8 +23,9 @@ def inputs(seed=0, photos=3):
 
 
 def reference_model(tiny_cfg, attention):
-    return ProductWanTransformer.from_base(tiny_cfg.base_model, reference="latents",
-                                           reference_attention=attention).eval()
+    return ProductWanTransformer.from_base(
+        tiny_cfg.base_model, reference="latents", reference_attention=attention
+    ).eval()
 
 
 def test_gated_reference_attention_at_gates_zero_is_the_base_t2v_model(tiny_cfg):
@@ -73,8 +74,11 @@ def test_gradients_reach_the_reference_path_and_references_get_timestep_zero(tin
     z_t, x, timestep, text, references, keys = inputs()
     seen = []
     embed = model.wan.condition_embedder.forward
-    monkeypatch.setattr(model.wan.condition_embedder, "forward",
-                        lambda t, *rest, **kw: seen.append(t.detach().clone()) or embed(t, *rest, **kw))
+    monkeypatch.setattr(
+        model.wan.condition_embedder,
+        "forward",
+        lambda t, *rest, **kw: seen.append(t.detach().clone()) or embed(t, *rest, **kw),
+    )
     model(x, timestep, text, None, references, keys).sample.square().mean().backward()
     assert torch.equal(seen[0], torch.tensor([900.0, 250.0, 0.0, 0.0]))  # video timesteps, then 0 for references
     gates = [block.attn1.processor.gate.grad for block in model.wan.blocks]

@@ -1,4 +1,5 @@
 """The PoC report's verdict for every row of the seed's decision matrix, from constructed inputs."""
+
 from __future__ import annotations
 
 import json
@@ -9,19 +10,26 @@ import numpy as np
 import pytest
 
 from models import metrics as m
-from tasks import report as r
+from tasks.training import report as r
 
 CONVERGED = list(1.0 / (1 + 0.05 * np.arange(200)) + 0.02 * np.sin(np.arange(200)))
 DIVERGING = list(np.linspace(1.0, 0.6, 100)) + list(np.linspace(0.6, 3.0, 100))
 
 
 def _split(psnr=27.0, clip_i=0.85, warp=0.011, warp_real=0.010, **extra):
-    return {m.PSNR_MASK: m.available(psnr), m.CLIP_I: m.available(clip_i),
-            m.WARP_ERROR: m.available(warp), m.WARP_ERROR_REAL: m.available(warp_real), **extra}
+    return {
+        m.PSNR_MASK: m.available(psnr),
+        m.CLIP_I: m.available(clip_i),
+        m.WARP_ERROR: m.available(warp),
+        m.WARP_ERROR_REAL: m.available(warp_real),
+        **extra,
+    }
 
 
-PER_CATEGORY = {"ring": {m.PSNR_MASK: {"value": 26.0, "n": 3}, m.CLIP_I: {"unavailable": "no weights"}},
-                "watch": {m.PSNR_MASK: {"value": 28.0, "n": 2}, m.CLIP_I: {"unavailable": "no weights"}}}
+PER_CATEGORY = {
+    "ring": {m.PSNR_MASK: {"value": 26.0, "n": 3}, m.CLIP_I: {"unavailable": "no weights"}},
+    "watch": {m.PSNR_MASK: {"value": 28.0, "n": 2}, m.CLIP_I: {"unavailable": "no weights"}},
+}
 
 
 def _verdict(train, test, losses=CONVERGED, **kwargs):
@@ -29,9 +37,13 @@ def _verdict(train, test, losses=CONVERGED, **kwargs):
 
 
 def test_all_criteria_met_is_a_success_and_plots_are_written(tmp_path):
-    markdown, verdict, figures = r.poc_report(_split(), _split(human_score=3.0), PER_CATEGORY,
-                                              {"train": CONVERGED, "validation": [(s, CONVERGED[s]) for s in range(0, 200, 20)]},
-                                              figure_dir=tmp_path)
+    markdown, verdict, figures = r.poc_report(
+        _split(),
+        _split(human_score=3.0),
+        PER_CATEGORY,
+        {"train": CONVERGED, "validation": [(s, CONVERGED[s]) for s in range(0, 200, 20)]},
+        figure_dir=tmp_path,
+    )
     assert verdict["outcome"] == "success" and verdict["findings"] == ["success"]
     assert not verdict["not_checked"] and "✅ success" in markdown
     assert [f.name for f in figures] == ["loss_curves.png", "metrics_per_category.png"]
@@ -87,8 +99,10 @@ def test_thresholds_are_configurable():
     strict = r.ReportThresholds(train_psnr_min=30.0)
     assert _verdict(_split(), _split(human_score=4.0), thresholds=strict)["outcome"] == "capacity"
     whole_frame = r.ReportThresholds(train_psnr_metric=m.PSNR)
-    assert "not measured" in _verdict(_split(), _split(human_score=4.0), thresholds=whole_frame)[
-        "criteria"]["train_psnr"]["evidence"]
+    assert (
+        "not measured"
+        in _verdict(_split(), _split(human_score=4.0), thresholds=whole_frame)["criteria"]["train_psnr"]["evidence"]
+    )
 
 
 def test_report_is_logged_to_the_mlflow_run(tmp_path, monkeypatch):
@@ -98,15 +112,20 @@ def test_report_is_logged_to_the_mlflow_run(tmp_path, monkeypatch):
     try:
         experiment = mlflow.create_experiment("report", artifact_location=(tmp_path / "artifacts").as_uri())
         run_id = mlflow.MlflowClient().create_run(experiment).info.run_id
-        markdown, verdict, figures = r.poc_report(_split(), _split(human_score=4.0), PER_CATEGORY,
-                                                  CONVERGED, figure_dir=tmp_path / "figures")
+        markdown, verdict, figures = r.poc_report(
+            _split(), _split(human_score=4.0), PER_CATEGORY, CONVERGED, figure_dir=tmp_path / "figures"
+        )
         r.log_report(run_id, markdown, verdict, figures)
         run = mlflow.get_run(run_id)
         assert run.data.tags["poc.verdict"] == "success"
         logged = tmp_path / "artifacts" / run_id / "artifacts" / "report"
         assert json.loads((logged / "verdict.json").read_text())["outcome"] == "success"
-        assert {p.name for p in logged.iterdir()} == {"poc_report.md", "verdict.json",
-                                                      "loss_curves.png", "metrics_per_category.png"}
+        assert {p.name for p in logged.iterdir()} == {
+            "poc_report.md",
+            "verdict.json",
+            "loss_curves.png",
+            "metrics_per_category.png",
+        }
     finally:
         mlflow.set_tracking_uri(None)
 

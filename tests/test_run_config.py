@@ -1,13 +1,20 @@
 """Run configs (YAML + dotted overrides) and model folders (save / load / wrong-config errors)."""
+
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.spec import specification
-from tasks.model_store import (IncompatibleCheckpointError, load_model_folder, load_pipeline, read_model_card,
-                               resolve_model_config, save_model_folder)
-from tasks.run_config import flatten, load_run_config
+from tasks.training.model_store import (
+    IncompatibleCheckpointError,
+    load_model_folder,
+    load_pipeline,
+    read_model_card,
+    resolve_model_config,
+    save_model_folder,
+)
+from tasks.training.run_config import flatten, load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -33,8 +40,10 @@ def test_poc_config_has_the_seed_values():
 
 def test_overrides_are_typed_and_validated():
     base = load_run_config(CONFIGS / "tiny.yaml")
-    cfg = load_run_config(CONFIGS / "tiny.yaml", ["train.stage1.max_steps=7", "train.ema_decay=null",
-                                                  "model.sampler.num_inference_steps=3", "data.frames=13"])
+    cfg = load_run_config(
+        CONFIGS / "tiny.yaml",
+        ["train.stage1.max_steps=7", "train.ema_decay=null", "model.sampler.num_inference_steps=3", "data.frames=13"],
+    )
     assert (cfg.train.stage1.max_steps, cfg.train.ema_decay, cfg.data.frames) == (7, None, 13)
     assert cfg.model.sampler.num_inference_steps == 3
     assert cfg.fingerprint() != base.fingerprint()
@@ -86,8 +95,9 @@ def test_pipeline_loads_from_a_model_folder(tiny_run, tmp_path):
     folder = save_model_folder(tmp_path / "model", generator, cfg, adapter_only=True)
     pipe, loaded_cfg = load_pipeline(folder)
     assert loaded_cfg.name == "tiny" and pipe.config.text_max_length == cfg.model.text_max_length
-    assert torch.equal(pipe.transformer.wan.blocks[1].attn1.processor.gate,
-                       generator.transformer.wan.blocks[1].attn1.processor.gate)
+    assert torch.equal(
+        pipe.transformer.wan.blocks[1].attn1.processor.gate, generator.transformer.wan.blocks[1].attn1.processor.gate
+    )
 
 
 def test_a_model_folder_of_another_config_is_refused(tiny_run, tmp_path):
@@ -102,3 +112,22 @@ def test_a_model_folder_of_another_config_is_refused(tiny_run, tmp_path):
         load_model_folder(folder)
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         load_model_folder(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_the_command_lines_answer_a_bad_config_in_one_line(command, tmp_path, capsys):
+    from flows.evaluate import main as evaluate_cli
+    from flows.train import main as train_cli
+
+    cli = {"train": train_cli, "evaluate": evaluate_cli}[command]
+    for argv, says in (
+        (
+            ["--config", str(CONFIGS / "tiny.yaml"), "--set", "train.stage1.learning_rat=1"],
+            "train.stage1.learning_rat: unknown key (train.stage1 takes: trains, epochs",
+        ),
+        (["--config", str(tmp_path / "missing.yaml")], "missing.yaml not found (see configs/*.yaml)"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            cli(argv)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and says in err and err.count("\n") == 1, err

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-import tasks.scenes as scenes
+import tasks.dataset.scenes as scenes
 from storage.hashing import sha256_file
 from storage.schemas import to_table
 from storage.video import VideoError, fit_crop, iter_frames, probe, read_video, resample_cfr, write_video
-from tasks.scenes import SceneConfig, find_shots, split_video
+from tasks.dataset.scenes import SceneConfig, find_shots, split_video
 
 FPS = 24
 H, W = 96, 128  # source and output size where the test is not about resolution (see test_rerun)
@@ -43,7 +43,14 @@ def make_video(path: Path, durations_s: list[float], height: int = H, width: int
 
 def source_row(path: Path) -> dict:
     digest, size = sha256_file(path)
-    return {"product_id": "P001", "role": "video", "name": path.name, "uri": str(path), "size_bytes": size, "sha256": digest}
+    return {
+        "product_id": "P001",
+        "role": "video",
+        "name": path.name,
+        "uri": str(path),
+        "size_bytes": size,
+        "sha256": digest,
+    }
 
 
 def clip_files(root: Path) -> list[Path]:
@@ -80,7 +87,9 @@ def test_clips_kept_short_shot_rejected_long_shot_split(three_shots, three_shots
     assert [(round(r["start_s"], 2), round(r["end_s"], 2)) for r in rows] == [(0.0, 4.0), (6.0, 12.0), (12.0, 18.0)]
     sha8 = source_row(three_shots)["sha256"][:8]
     assert [r["clip_id"] for r in rows] == [f"{sha8}-000", f"{sha8}-001", f"{sha8}-002"]
-    assert all(r["clip_key"] == f"P001_{r['clip_id']}" and r["video_path"] == f"video_clips/{r['clip_key']}.mp4" for r in rows)
+    assert all(
+        r["clip_key"] == f"P001_{r['clip_id']}" and r["video_path"] == f"video_clips/{r['clip_key']}.mp4" for r in rows
+    )
     to_table("clips", rows)  # every CLIPS field present, with its type
     [short] = result["rejects"]
     assert short["reason_code"] == "shot_too_short" and short["stage"] == "scenes"
@@ -226,8 +235,12 @@ def test_unusable_inputs_become_reject_rows(tmp_path, three_shots, kind):
     result = split_video(source_row(path), str(tmp_path / "out"), small_cfg())
     assert result["rows"] == [] and clip_files(tmp_path / "out") == []
     [reject] = result["rejects"]
-    expected = {"empty": {"video_empty"}, "truncated": {"video_unreadable", "video_undecodable"},
-                "text": {"video_unreadable"}, "audio": {"video_no_stream"}}[kind]
+    expected = {
+        "empty": {"video_empty"},
+        "truncated": {"video_unreadable", "video_undecodable"},
+        "text": {"video_unreadable"},
+        "audio": {"video_no_stream"},
+    }[kind]
     assert reject["reason_code"] in expected and reject["item"] == str(path) and reject["reason"]
 
 
@@ -256,8 +269,11 @@ def test_resizing_while_decoding_matches_fit_crop(tmp_path, height, width):
     # A smooth picture (a resize of noise), so two good area resamplers agree to about a level in
     # luma (swscale resizes chroma at its 4:2:0 resolution, so colours differ a little more).
     rng = np.random.default_rng(0)
-    picture = cv2.resize(rng.integers(0, 256, (height // 10, width // 10, 3), dtype=np.uint8), (width, height),
-                         interpolation=cv2.INTER_CUBIC)
+    picture = cv2.resize(
+        rng.integers(0, 256, (height // 10, width // 10, 3), dtype=np.uint8),
+        (width, height),
+        interpolation=cv2.INTER_CUBIC,
+    )
     path = tmp_path / "src.mp4"
     write_video(path, [picture] * 3, FPS)
     fitted = [img for _, img in iter_frames(path, fit=(H, W))]

@@ -15,7 +15,7 @@ from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.schemas import to_table
 from storage.video import work_size, write_video
-from tasks.segment import (
+from tasks.dataset.segment import (
     SegmentConfig,
     dilate,
     fill_holes,
@@ -261,7 +261,6 @@ def test_segment_clip_rejects_unreadable_clip(tmp_path):
 
 def test_stage_is_a_prefect_task_named_segment():
     assert segment_task.name == "segment" and segment_task.fn is segment_clip
-
 
 
 @pytest.mark.parametrize("side", [100, 400])  # 5,000 and 80,000 components: 16- and 32-bit labels

@@ -4,6 +4,7 @@ The CPU has no cuDNN attention and compiles nothing, so what runs here is the ch
 policy, the attention context, the step cache and the config switches; benchmarks/bench_gpu.py
 measures the speed (and checks the same equalities) on the GPU.
 """
+
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from models import speed
 from models.config import SamplerConfig
 from models.objective import flow_matching_loss
 from models.spec import set_trainable, specification
-from tasks.run_config import load_run_config
+from tasks.training.run_config import load_run_config
 from tests.test_model_training import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -19,7 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def stage2_gradients(model, batch, tiny_cfg):
     model.zero_grad(set_to_none=True)
-    loss = flow_matching_loss(specification(tiny_cfg), model, batch, tiny_cfg.objective, torch.Generator().manual_seed(0))
+    loss = flow_matching_loss(
+        specification(tiny_cfg), model, batch, tiny_cfg.objective, torch.Generator().manual_seed(0)
+    )
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -45,8 +48,10 @@ def test_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_cfg, checkpo
 
 def test_selective_policy_keeps_attention_and_recomputes_the_rest():
     keep = speed._keep_attention_outputs
-    assert keep(None, torch.ops.aten._scaled_dot_product_cudnn_attention.default) == \
-        torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+    assert (
+        keep(None, torch.ops.aten._scaled_dot_product_cudnn_attention.default)
+        == torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+    )
     assert keep(None, torch.ops.aten.mm.default) == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -73,8 +78,15 @@ def test_step_cache_skips_steps_and_resets_between_calls(tiny_cfg):
     def generate():
         full_steps = []
         handle = pipe.transformer.wan.blocks[-1].ffn.register_forward_hook(lambda *_: full_steps.append(1))
-        out = pipe(video * (1 - mask), mask, photos, "a red bottle", num_inference_steps=4,
-                   generator=torch.Generator().manual_seed(0), output_type="latent")
+        out = pipe(
+            video * (1 - mask),
+            mask,
+            photos,
+            "a red bottle",
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        )
         handle.remove()
         return out, len(full_steps)
 
@@ -94,11 +106,13 @@ def test_step_cache_skips_steps_and_resets_between_calls(tiny_cfg):
 def test_plain_switches(tmp_path):
     cfg = load_run_config("configs/poc-1.3b.yaml")
     assert (cfg.train.gradient_checkpointing, cfg.train.attention, cfg.train.compile) == ("selective", "cudnn", True)
-    plain = load_run_config("configs/poc-1.3b.yaml", ["train.gradient_checkpointing=full", "train.attention=default",
-                                                       "train.compile=false"])
+    plain = load_run_config(
+        "configs/poc-1.3b.yaml", ["train.gradient_checkpointing=full", "train.attention=default", "train.compile=false"]
+    )
     assert plain.fingerprint() == cfg.fingerprint()  # the same run, resumable on either path
-    cached = load_run_config("configs/poc-1.3b.yaml", ["model.sampler.step_cache_threshold=0.1",
-                                                        "model.sampler.compile=false"])
+    cached = load_run_config(
+        "configs/poc-1.3b.yaml", ["model.sampler.step_cache_threshold=0.1", "model.sampler.compile=false"]
+    )
     assert cached.fingerprint() == cfg.fingerprint()
     assert load_run_config("configs/poc-1.3b.yaml", ["train.stage2.batch_size=4"]).fingerprint() != cfg.fingerprint()
     old = load_run_config("configs/tiny.yaml", ["train.gradient_checkpointing=true"])
@@ -144,7 +158,8 @@ def test_compiled_training_call_gives_the_eager_gradients(tiny_cfg, clips):
     batch = make_batch(batch=clips)
     loss, reference = stage2_gradients(model, batch, tiny_cfg)
     model.transformer.wan.enable_gradient_checkpointing(
-        speed.compiled_block_call(speed.selective_checkpoint, speed.full_checkpoint))
+        speed.compiled_block_call(speed.selective_checkpoint, speed.full_checkpoint)
+    )
     compiled_loss, gradients = stage2_gradients(model, batch, tiny_cfg)
     assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == (clips > 1)
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)

@@ -64,7 +64,10 @@ def test_manifest_round_trip_and_schema_check(tmp_path):
     with pytest.raises(ValueError, match="reason_code"):
         root.write_manifest("rejects", [{**row, "reason_code": None}])
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
-        root.write_manifest("products", [{"product_id": "P", "category": "c", "caption": "", "prompt": "p", "num_videos": "two", "num_images": 3}])
+        root.write_manifest(
+            "products",
+            [{"product_id": "P", "category": "c", "caption": "", "prompt": "p", "num_videos": "two", "num_images": 3}],
+        )
 
 
 def test_resample_cfr_from_variable_frame_rate():

@@ -3,6 +3,7 @@
 The local SQLite store is created once per module (its migrations take seconds); each test uses
 its own registered-model name. The server test repeats the round trip against `mlflow server`.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ import mlflow
 import pytest
 
 from storage import tracking
+from tasks.training.registry import promote_if_better, promotion
 
 BIN = Path(sys.executable).parent
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -57,16 +59,20 @@ def _round_trip(tmp_path: Path, name: str) -> None:
     with pytest.raises(tracking.ModelNotFoundError, match=f"no version of {name} has alias champion yet"):
         tracking.resolve_model_uri(f"models:/{name}@champion")
 
-    first = tracking.register_model_version(_log_checkpoint(tmp_path, "a"), "checkpoint",
-                                            {"psnr_mask": 24.0, "clip_i": {"unavailable": "no weights"}},
-                                            name=name)
-    decision = tracking.promote_if_better(name, first, "psnr_mask")
+    first = tracking.register_model_version(
+        _log_checkpoint(tmp_path, "a"),
+        "checkpoint",
+        {"psnr_mask": 24.0, "clip_i": {"unavailable": "no weights"}},
+        name=name,
+    )
+    decision = promote_if_better(name, first, "psnr_mask")
     assert decision["promoted"] and decision["reason"] == "there was no champion yet"
     assert tracking.version_metrics(name, first) == {"psnr_mask": 24.0}
 
-    worse = tracking.register_model_version(_log_checkpoint(tmp_path, "b"), "checkpoint",
-                                            {"psnr_mask": 23.0}, name=name)
-    decision = tracking.promote_if_better(name, worse, "psnr_mask")
+    worse = tracking.register_model_version(
+        _log_checkpoint(tmp_path, "b"), "checkpoint", {"psnr_mask": 23.0}, name=name
+    )
+    decision = promote_if_better(name, worse, "psnr_mask")
     assert not decision["promoted"] and "does not beat" in decision["reason"]
     assert decision["champion_version"] == first
     client = mlflow.MlflowClient()
@@ -79,9 +85,10 @@ def _round_trip(tmp_path: Path, name: str) -> None:
     challenger = tracking.resolve_model_uri(f"models:/{name}@challenger", tmp_path / "challenger")
     assert '"b"' in (challenger / "model_index.json").read_text()
 
-    better = tracking.register_model_version(_log_checkpoint(tmp_path, "c"), "checkpoint",
-                                             {"psnr_mask": 26.5}, name=name)
-    decision = tracking.promote_if_better(name, better, "psnr_mask")
+    better = tracking.register_model_version(
+        _log_checkpoint(tmp_path, "c"), "checkpoint", {"psnr_mask": 26.5}, name=name
+    )
+    decision = promote_if_better(name, better, "psnr_mask")
     assert decision["promoted"] and "beats" in decision["reason"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == better
 
@@ -108,16 +115,25 @@ def test_register_promote_and_resolve_on_the_local_store(local_store, tmp_path):
 
 def test_lower_is_better_and_missing_primary_metric(local_store, tmp_path):
     name = "lower-is-better"
-    first = tracking.register_model_version(_log_checkpoint(tmp_path, "a"), "checkpoint",
-                                            {"fvd": 300.0}, name=name)
-    assert tracking.promote_if_better(name, first, "fvd", higher_is_better=False)["promoted"]
-    second = tracking.register_model_version(_log_checkpoint(tmp_path, "b"), "checkpoint",
-                                             {"fvd": 250.0}, name=name)
-    assert tracking.promote_if_better(name, second, "fvd", higher_is_better=False)["promoted"]
-    third = tracking.register_model_version(_log_checkpoint(tmp_path, "c"), "checkpoint",
-                                            {"fvd": {"unavailable": "no VideoMAE weights"}}, name=name)
-    decision = tracking.promote_if_better(name, third, "fvd", higher_is_better=False)
+    first = tracking.register_model_version(_log_checkpoint(tmp_path, "a"), "checkpoint", {"fvd": 300.0}, name=name)
+    assert promote_if_better(name, first, "fvd", higher_is_better=False)["promoted"]
+    second = tracking.register_model_version(_log_checkpoint(tmp_path, "b"), "checkpoint", {"fvd": 250.0}, name=name)
+    assert promote_if_better(name, second, "fvd", higher_is_better=False)["promoted"]
+    third = tracking.register_model_version(
+        _log_checkpoint(tmp_path, "c"), "checkpoint", {"fvd": {"unavailable": "no VideoMAE weights"}}, name=name
+    )
+    decision = promote_if_better(name, third, "fvd", higher_is_better=False)
     assert not decision["promoted"] and "has no value for fvd" in decision["reason"]
+
+
+def test_the_promotion_rule():
+    assert promotion("1", 24.0, None, None, "psnr_mask") == (True, "there was no champion yet")
+    assert promotion("2", 25.0, "1", 24.0, "psnr_mask")[0]
+    assert not promotion("2", 24.0, "1", 24.0, "psnr_mask")[0]  # a tie keeps the champion
+    assert promotion("2", 250.0, "1", 300.0, "fvd", higher_is_better=False)[0]
+    assert not promotion("2", float("nan"), "1", 24.0, "psnr_mask")[0]
+    assert "no psnr_mask to compare with" in promotion("2", 25.0, "1", None, "psnr_mask")[1]
+    assert promotion("1", 25.0, "1", 25.0, "psnr_mask") == (False, "version 1 already is the champion")
 
 
 def test_resolve_local_folder_and_missing_things(local_store, tmp_path):
@@ -139,11 +155,26 @@ def test_round_trip_against_a_real_mlflow_server(isolated_mlflow, tmp_path, monk
     port = _free_port()
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen(
-        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        [
+            BIN / "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
         # The job executor (huey workers) is not needed and slows the start down.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

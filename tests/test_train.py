@@ -1,5 +1,6 @@
 """The train flow on the tiny dataset: both stages, MLflow contents, model folder, wrong-config
 checkpoints, and resume after SIGKILL onto the same loss curve and MLflow run."""
+
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.train import train
 from storage.tracking import tracking_uri
-from tasks.model_store import IncompatibleCheckpointError, load_model_folder, read_model_card
+from tasks.training.model_store import IncompatibleCheckpointError, load_model_folder, read_model_card
 from tests.fixtures_dataset import REPO, TINY_CONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -69,9 +70,16 @@ def test_both_stages_train_and_mlflow_has_params_metrics_and_artifacts(trained, 
     assert {"loss_inside_mask", "loss_outside_mask"} <= set(run.data.metrics)
     assert any(name.startswith("system/") for name in run.data.metrics), "no system metrics logged"
     logged = artifacts(client, trained["run_id"])
-    assert {"samples/stage1-epoch001.mp4", "samples/stage1-epoch001.png", "samples/stage2-epoch001.mp4",
-            "samples/stage2-epoch001.png", "model/run_config.yaml", "model/model_card.json",
-            "checkpoints/step-000002/trainable.safetensors", "checkpoints/step-000004/state.pt"} <= set(logged)
+    assert {
+        "samples/stage1-epoch001.mp4",
+        "samples/stage1-epoch001.png",
+        "samples/stage2-epoch001.mp4",
+        "samples/stage2-epoch001.png",
+        "model/run_config.yaml",
+        "model/model_card.json",
+        "checkpoints/step-000002/trainable.safetensors",
+        "checkpoints/step-000004/state.pt",
+    } <= set(logged)
 
 
 def test_the_logged_model_folder_loads_with_the_trained_weights(trained, tiny_data_dir):
@@ -93,12 +101,20 @@ def test_a_finished_run_started_again_returns_its_result(trained, tiny_dataset, 
 def test_a_checkpoint_of_another_config_is_refused(trained, tiny_dataset, tiny_data_dir):
     name = os.path.basename(trained["run_dir"])
     with pytest.raises(IncompatibleCheckpointError, match="another run config"):
-        train(config=str(TINY_CONFIG), overrides=overrides(tiny_dataset, tiny_data_dir, f"train.run_name={name}",
-                                                           "train.stage1.learning_rate=0.5"))
+        train(
+            config=str(TINY_CONFIG),
+            overrides=overrides(
+                tiny_dataset, tiny_data_dir, f"train.run_name={name}", "train.stage1.learning_rate=0.5"
+            ),
+        )
 
 
-KILL_RUN = ("train.stage1.max_steps=6", "train.stage2.max_steps=4", "train.checkpoint_every=2",
-            "train.sample_every_epoch=0")
+KILL_RUN = (
+    "train.stage1.max_steps=6",
+    "train.stage2.max_steps=4",
+    "train.checkpoint_every=2",
+    "train.sample_every_epoch=0",
+)
 
 
 def test_a_killed_run_resumes_into_the_same_mlflow_run_and_loss_curve(tiny_dataset, tiny_data_dir, client):
@@ -125,8 +141,10 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_and_loss_curve(tiny_datas
     run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
 
     resumed = train(config=str(TINY_CONFIG), overrides=killed)
-    reference = train(config=str(TINY_CONFIG),
-                      overrides=overrides(tiny_dataset, tiny_data_dir, "train.run_name=uninterrupted", *KILL_RUN))
+    reference = train(
+        config=str(TINY_CONFIG),
+        overrides=overrides(tiny_dataset, tiny_data_dir, "train.run_name=uninterrupted", *KILL_RUN),
+    )
     total = reference["global_step"]
     assert resumed["run_id"] == run_id and resumed["resumed_from_step"] == killed_at < total
     assert resumed["global_step"] == total and client.get_run(run_id).info.status == "FINISHED"

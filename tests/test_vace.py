@@ -1,4 +1,5 @@
 """The vace backend on a tiny Wan2.1-VACE folder saved with save_pretrained and loaded back as a user's."""
+
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,9 @@ PROMPT = "a red bottle on a wooden table"
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
     folder = save_tiny(tmp_path_factory.mktemp("tiny_vace"), "vace")
-    cfg = ModelConfig(backend="vace", base_model=str(folder), image_encoder=str(folder), text_max_length=16,
-                      reference_lora_rank=4)
+    cfg = ModelConfig(
+        backend="vace", base_model=str(folder), image_encoder=str(folder), text_max_length=16, reference_lora_rank=4
+    )
     return VaceSpecification(cfg)
 
 
@@ -57,7 +59,7 @@ def batch(spec, encoders):
 def predict(spec, generator, batch, seed=0, **keep):
     torch.manual_seed(seed)  # the reference slots' noise
     noisy = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(1))
-    return spec.predict(generator, batch, noisy, torch.tensor([700.0, 300.0])[:len(noisy)], **keep)
+    return spec.predict(generator, batch, noisy, torch.tensor([700.0, 300.0])[: len(noisy)], **keep)
 
 
 def randomize_lora(generator, seed=0):
@@ -74,8 +76,10 @@ def test_tiny_vace_folder_loads_through_the_users_path(spec):
     plain = WanVACETransformer3DModel.from_pretrained(spec.cfg.base_model, subfolder="transformer")
     assert isinstance(generator.transformer, WanVACETransformer3DModel)
     assert list(generator.transformer.config.vace_layers) == [0, 1]
-    assert torch.equal(generator.transformer.state_dict()["blocks.1.ffn.net.0.proj.weight"],
-                       plain.state_dict()["blocks.1.ffn.net.0.proj.weight"])
+    assert torch.equal(
+        generator.transformer.state_dict()["blocks.1.ffn.net.0.proj.weight"],
+        plain.state_dict()["blocks.1.ffn.net.0.proj.weight"],
+    )
     lora = spec.adapter_names(generator)
     assert any(name.startswith("transformer.vace_blocks.") for name in lora)
     assert any(".attn2.to_out.0.lora_B." in name for name in lora)
@@ -103,8 +107,10 @@ def test_predict_returns_the_video_frames_and_trains_the_lora(spec, batch):
 
 def test_no_product_is_vace_without_references_and_padding_is_not_seen(spec, batch):
     generator = spec.build_generator()
-    no_photos = batch | {"reference_latents": batch["reference_latents"][:, :0],
-                         "photo_mask": batch["photo_mask"][:, :0]}
+    no_photos = batch | {
+        "reference_latents": batch["reference_latents"][:, :0],
+        "photo_mask": batch["photo_mask"][:, :0],
+    }
     dropped = predict(spec, generator, batch, keep_product=torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(dropped[0], predict(spec, generator, no_photos)[0])  # batch of 1 vs 2: rounding
     assert not torch.allclose(dropped[0], predict(spec, generator, batch)[0])  # the photos condition VACE
@@ -148,8 +154,9 @@ def test_save_load_round_trip_reproduces_predict(spec, batch, tmp_path, adapter_
     loaded = spec.load_generator(tmp_path)
     if adapter_only:  # the base comes from the config: the LoRA alone is what the folder holds
         fresh = spec.build_generator()
-        fresh.load_state_dict({name: value for name, value in generator.state_dict().items() if ".lora_" in name},
-                              strict=False)
+        fresh.load_state_dict(
+            {name: value for name, value in generator.state_dict().items() if ".lora_" in name}, strict=False
+        )
         assert torch.equal(predict(spec, loaded, batch), predict(spec, fresh, batch))
         assert not torch.allclose(predict(spec, loaded, batch), predict(spec, generator, batch))
     else:
@@ -166,10 +173,12 @@ def test_encode_clip_and_product(spec, encoders, batch):
     assert clip["control_latents"][32:].sum() == 16 * 16 * 2  # 16x16 mask px on frame 0 and latent frame 1
     other_inside = torch.where(mask.bool(), torch.rand_like(video), video)
     other_outside = torch.where(mask.bool(), video, torch.rand_like(video))
-    assert torch.equal(spec.encode_clip(encoders, other_inside, mask, PROMPT)["control_latents"],
-                       clip["control_latents"])  # the region is grey whatever it held
-    assert not torch.equal(spec.encode_clip(encoders, other_outside, mask, PROMPT)["control_latents"],
-                           clip["control_latents"])
+    assert torch.equal(
+        spec.encode_clip(encoders, other_inside, mask, PROMPT)["control_latents"], clip["control_latents"]
+    )  # the region is grey whatever it held
+    assert not torch.equal(
+        spec.encode_clip(encoders, other_outside, mask, PROMPT)["control_latents"], clip["control_latents"]
+    )
     product = spec.encode_product(encoders, photos(), HEIGHT, WIDTH)
     assert product["reference_latents"].shape == (2, 16, 1, HEIGHT // 8, WIDTH // 8)
     assert batch["reference_latents"].shape == (2, 2, 16, 1, HEIGHT // 8, WIDTH // 8)
@@ -192,18 +201,21 @@ def test_generation_sees_what_training_sees(spec, encoders, batch):
     and encode_product for the same clip and photos."""
     generator = spec.build_generator()
     seen = []
-    hook = generator.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs),
-                                                           with_kwargs=True)
+    hook = generator.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True
+    )
     video, mask = clip_window()
-    spec.pipeline(generator)(video[None] * (1 - mask[None]), mask[None], [photos()], PROMPT, num_inference_steps=1,
-                             text_guidance_scale=1.0)
+    spec.pipeline(generator)(
+        video[None] * (1 - mask[None]), mask[None], [photos()], PROMPT, num_inference_steps=1, text_guidance_scale=1.0
+    )
     single = {key: value[:1] for key, value in batch.items()}
     predict(spec, generator, single)
     hook.remove()
     generated, trained = seen[0], seen[-1]
     assert generated["control_hidden_states"].shape == (1, 96, 4, HEIGHT // 8, WIDTH // 8)
-    torch.testing.assert_close(generated["control_hidden_states"], trained["control_hidden_states"],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        generated["control_hidden_states"], trained["control_hidden_states"], atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(generated["encoder_hidden_states"], trained["encoder_hidden_states"])
 
 
@@ -214,8 +226,15 @@ def test_photos_change_the_video_and_the_outside_is_the_input(spec):
     steps = []
 
     def generate(images, **kwargs):
-        return pipe(masked_video, mask, images, PROMPT, num_inference_steps=2,
-                    generator=torch.Generator().manual_seed(0), **kwargs)
+        return pipe(
+            masked_video,
+            mask,
+            images,
+            PROMPT,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
 
     with_photos = generate([photos(), photos()[1:]], callback=lambda step, total: steps.append((step, total)))
     without = generate([[], []])

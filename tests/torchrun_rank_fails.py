@@ -1,5 +1,6 @@
 """A torchrun entry for tests/test_distributed.py: every rank says it started, then rank 1 exits
 with code 3 while rank 0 would wait for two minutes (torchrun has to stop it)."""
+
 import os
 import time
 

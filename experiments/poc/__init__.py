@@ -1,4 +1,5 @@
 """The GPU proof of concept (docs/poc.md): what its steps share."""
+
 from pathlib import Path
 
 CONFIG = "configs/poc-synthetic.yaml"
@@ -9,7 +10,13 @@ DATA = Path("data/poc")
 # guidance 0 leaves the no-product branch alone), since it never learnt to read them.
 RUNS = {
     "A": {"train": ["train.run_name=poc-A-photos"], "evaluate": []},
-    "B": {"train": ["train.run_name=poc-B-no-photos", "model.objective.drop_product_prob=0.85",
-                    "model.objective.drop_both_prob=0.15", "model.objective.drop_text_prob=0.0"],
-          "evaluate": ["evaluate.product_guidance_scale=0.0"]},
+    "B": {
+        "train": [
+            "train.run_name=poc-B-no-photos",
+            "model.objective.drop_product_prob=0.85",
+            "model.objective.drop_both_prob=0.15",
+            "model.objective.drop_text_prob=0.0",
+        ],
+        "evaluate": ["evaluate.product_guidance_scale=0.0"],
+    },
 }

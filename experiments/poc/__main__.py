@@ -24,6 +24,7 @@ their last checkpoint). Steps that train or evaluate go through the project's ow
    (experiments/poc/measure.py); results.json, the MLflow database, the measures and the contact
    sheet under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,10 @@ def run_step(name: str, command: list[str], deadline: float) -> bool:
     try:
         subprocess.run(command, check=True, timeout=left)
     except subprocess.TimeoutExpired:
-        print(f"[poc] {name}: stopped at the deadline after {time.monotonic() - started:.0f} s; "
-              "run again to go on", flush=True)
+        print(
+            f"[poc] {name}: stopped at the deadline after {time.monotonic() - started:.0f} s; run again to go on",
+            flush=True,
+        )
         return False
     print(f"[poc] {name}: done in {time.monotonic() - started:.0f} s", flush=True)
     return True
@@ -88,21 +91,56 @@ def run_pending(state: dict, state_file: Path, args, deadline: float) -> None:
 
     if "render" not in state:
         from experiments.poc.render import render_poc_dataset
+
         record("render", render_poc_dataset(DATA / "dataset", args.products, seed=args.seed, workers=os.cpu_count()))
-    base = [py, "-m", "experiments.poc", "base", "--config", args.config, "--vae-steps", str(args.vae_steps),
-            "--vae-seconds", str(args.vae_seconds), "--vae-batch", str(args.vae_batch)]
+    base = [
+        py,
+        "-m",
+        "experiments.poc",
+        "base",
+        "--config",
+        args.config,
+        "--vae-steps",
+        str(args.vae_steps),
+        "--vae-seconds",
+        str(args.vae_seconds),
+        "--vae-batch",
+        str(args.vae_batch),
+    ]
     if not step("base", base, DATA / "base.json"):
         return
-    brackets = [py, "-m", "experiments.poc", "brackets", "--vae", str(DATA / "base"), "--out", str(DATA / "brackets.json")]
+    brackets = [
+        py,
+        "-m",
+        "experiments.poc",
+        "brackets",
+        "--vae",
+        str(DATA / "base"),
+        "--out",
+        str(DATA / "brackets.json"),
+    ]
     if not step("brackets", brackets, DATA / "brackets.json"):
         return
-    overfit = [py, "-m", "experiments.poc", "overfit", "--config", args.config, "--steps", str(args.overfit_steps),
-               "--out", str(DATA / "overfit.json")] + [part for item in args.set for part in ("--set", item)]
+    overfit = [
+        py,
+        "-m",
+        "experiments.poc",
+        "overfit",
+        "--config",
+        args.config,
+        "--steps",
+        str(args.overfit_steps),
+        "--out",
+        str(DATA / "overfit.json"),
+    ] + [part for item in args.set for part in ("--set", item)]
     if not step("overfit", overfit, DATA / "overfit.json"):
         return
     if state["overfit"]["psnr_mask_db"] < OVERFIT_GATE_DB and not args.past_gates:
-        print(f"[poc] gate 3 failed: {state['overfit']['psnr_mask_db']:.2f} dB < {OVERFIT_GATE_DB} dB inside the "
-              "mask on the overfit clips; fix the model before any long run (--past-gates to go on anyway)", flush=True)
+        print(
+            f"[poc] gate 3 failed: {state['overfit']['psnr_mask_db']:.2f} dB < {OVERFIT_GATE_DB} dB inside the "
+            "mask on the overfit clips; fix the model before any long run (--past-gates to go on anyway)",
+            flush=True,
+        )
         return
     for label, overrides in RUNS.items():
         command = [py, "-m", "flows.train", "--config", args.config, "--result", str(DATA / f"train_{label}.json")]
@@ -111,15 +149,35 @@ def run_pending(state: dict, state_file: Path, args, deadline: float) -> None:
         if not step(f"train_{label}", command, DATA / f"train_{label}.json"):
             return
     for label, overrides in RUNS.items():
-        command = [py, "-m", "flows.evaluate", "--model", state[f"train_{label}"]["model_uri"], "--config", args.config,
-                   "--no-register", "--train-clips", str(TRAIN_CLIPS_EVALUATED),
-                   "--result", str(DATA / f"evaluate_{label}.json")]
+        command = [
+            py,
+            "-m",
+            "flows.evaluate",
+            "--model",
+            state[f"train_{label}"]["model_uri"],
+            "--config",
+            args.config,
+            "--no-register",
+            "--train-clips",
+            str(TRAIN_CLIPS_EVALUATED),
+            "--result",
+            str(DATA / f"evaluate_{label}.json"),
+        ]
         for item in overrides["evaluate"]:
             command += ["--set", item]
         if not step(f"evaluate_{label}", command, DATA / f"evaluate_{label}.json"):
             return
-    measure = [py, "-m", "experiments.poc", "measure", "--config", args.config, "--out", str(DATA / "measures"),
-               *(f"--{label}={state[f'train_{label}']['model_dir']}" for label in RUNS)]
+    measure = [
+        py,
+        "-m",
+        "experiments.poc",
+        "measure",
+        "--config",
+        args.config,
+        "--out",
+        str(DATA / "measures"),
+        *(f"--{label}={state[f'train_{label}']['model_dir']}" for label in RUNS),
+    ]
     step("measure", measure, DATA / "measures" / "poc-measures.json")
 
 
@@ -143,15 +201,18 @@ def collect(state: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    render = commands.add_parser("render", help="colourway studio rendered straight into data/poc/dataset, true "
-                                                "masks (experiments/poc/render.py)")
+    render = commands.add_parser(
+        "render",
+        help="colourway studio rendered straight into data/poc/dataset, true masks (experiments/poc/render.py)",
+    )
     render.add_argument("--products", type=int, default=1000)
     render.add_argument("--colourways", type=int, default=4)
     render.add_argument("--seed", type=int, default=0)
     render.add_argument("--workers", type=int, default=os.cpu_count())
     render.add_argument("--out", type=Path, default=DATA / "dataset", help="dataset root to create (new or empty)")
-    brackets = commands.add_parser("brackets", help="gate 1: mask-region PSNR brackets on the test clips "
-                                                    "(experiments/poc/brackets.py)")
+    brackets = commands.add_parser(
+        "brackets", help="gate 1: mask-region PSNR brackets on the test clips (experiments/poc/brackets.py)"
+    )
     brackets.add_argument("--dataset", type=Path, default=DATA / "dataset")
     brackets.add_argument("--vae", type=Path, help="VAE folder (or base folder with vae/) for the round trip")
     brackets.add_argument("--frames", type=int, default=17)
@@ -176,8 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     report = commands.add_parser("report", help="loss curves, table and plot from a run's MLflow database")
     report.add_argument("--mlflow-db", required=True)
     report.add_argument("--out", required=True)
-    cache = commands.add_parser("step-cache", help="quality cost of the fast generation path on a trained "
-                                                   "model (GPU; experiments/poc/step_cache.py)")
+    cache = commands.add_parser(
+        "step-cache",
+        help="quality cost of the fast generation path on a trained model (GPU; experiments/poc/step_cache.py)",
+    )
     cache.add_argument("--model", help="model URI or folder (default: run A's model, from data/poc/train_A.json)")
     cache.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     cache.add_argument("--steps", type=int, default=50)
@@ -190,49 +253,81 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--vae-steps", type=int, default=3000, help="at most this many VAE steps")
     run.add_argument("--vae-seconds", type=float, default=300, help="and at most this long (it cannot resume)")
     run.add_argument("--vae-batch", type=int, default=16)
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override for the overfit run and both training runs, e.g. train.stage1.max_steps=2000")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for the overfit run and both training runs, e.g. train.stage1.max_steps=2000",
+    )
     run.add_argument("--overfit-steps", type=int, default=300)
     run.add_argument("--past-gates", action="store_true", help="train A and B even if the overfit gate fails")
     run.add_argument("--out", default=os.environ.get("OUT", "data/poc/out"))
-    run.add_argument("--config", default=CONFIG, help="the run config of every step (a copy with fewer steps for a dry run)")
+    run.add_argument(
+        "--config", default=CONFIG, help="the run config of every step (a copy with fewer steps for a dry run)"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "render":
         from experiments.poc.render import render_poc_dataset
-        print(json.dumps(render_poc_dataset(args.out, args.products, args.colourways, args.seed, args.workers),
-                         indent=2))
+
+        print(
+            json.dumps(render_poc_dataset(args.out, args.products, args.colourways, args.seed, args.workers), indent=2)
+        )
     elif args.command == "brackets":
         from experiments.poc.brackets import run_brackets
+
         run_brackets(args.dataset, args.vae, args.frames, args.stride, args.out)
     elif args.command == "base":
         from experiments.poc.base import build_base
         from models.device import resolve_device
-        from tasks.run_config import load_run_config
+        from tasks.training.run_config import load_run_config
+
         d = load_run_config(args.config).data
-        info = build_base(DATA / "base", DATA / "dataset", d.frames, d.frame_stride, d.height, d.width,
-                          vae_steps=args.vae_steps, vae_seconds=args.vae_seconds, vae_batch=args.vae_batch,
-                          vae_lr=3e-4, device=resolve_device("auto").type)
+        info = build_base(
+            DATA / "base",
+            DATA / "dataset",
+            d.frames,
+            d.frame_stride,
+            d.height,
+            d.width,
+            vae_steps=args.vae_steps,
+            vae_seconds=args.vae_seconds,
+            vae_batch=args.vae_batch,
+            vae_lr=3e-4,
+            device=resolve_device("auto").type,
+        )
         (DATA / "base.json").write_text(json.dumps(info, indent=2) + "\n")
     elif args.command == "overfit":
         from experiments.poc.overfit import run_overfit
+
         result = run_overfit(DATA / "dataset", DATA / "overfit", args.clips, args.steps, args.set, args.config)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     elif args.command == "measure":
         from experiments.poc.measure import measure as measure_runs
         from models.device import resolve_device
-        from tasks.run_config import load_run_config
-        result = measure_runs({label: getattr(args, label) for label in RUNS}, DATA / "dataset", load_run_config(args.config),
-                              args.out, device=resolve_device("auto").type)
+        from tasks.training.run_config import load_run_config
+
+        result = measure_runs(
+            {label: getattr(args, label) for label in RUNS},
+            DATA / "dataset",
+            load_run_config(args.config),
+            args.out,
+            device=resolve_device("auto").type,
+        )
         print(json.dumps(result, indent=2))
     elif args.command == "step-cache":
         from experiments.poc.step_cache import measure_step_cache
+
         result = DATA / "train_A.json"
         if args.model is None and not result.is_file():
-            parser.error(f"no --model, and {result} (run A's training result) does not exist: train run A "
-                         "first (python -m experiments.poc gpu) or pass --model")
+            parser.error(
+                f"no --model, and {result} (run A's training result) does not exist: train run A "
+                "first (python -m experiments.poc gpu) or pass --model"
+            )
         from storage.tracking import ModelNotFoundError
-        from tasks.model_store import IncompatibleCheckpointError
+        from tasks.training.model_store import IncompatibleCheckpointError
+
         model = args.model or json.loads(result.read_text())["model_uri"]
         try:
             measure_step_cache(model, args.thresholds, Path(args.out), steps=args.steps, max_clips=args.max_clips)
@@ -240,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"error: {error}\n")
     elif args.command == "report":
         from experiments.poc.report import write_report
+
         print(write_report(Path(args.mlflow_db), Path(args.out)))
     else:
         gpu(args)

@@ -1,5 +1,5 @@
 """Gate 1 of issue 14, on the CPU before any GPU time: what the mask region's PSNR can be, on the
-test clips, in the window and crop the model sees (tasks.precompute.load_clip_window).
+test clips, in the window and crop the model sees (tasks.training.precompute.load_clip_window).
 
 - vae: the VAE's round trip (encode mode -> decode; Wan's normalisation cancels): the ceiling;
 - photo_mean: the mask filled with this product's photo-mean colour (mean RGB over the photo
@@ -9,6 +9,7 @@ test clips, in the window and crop the model sees (tasks.precompute.load_clip_wi
 
 The data passes when photo_mean beats dataset_mean by at least GATE_DB on the mean over clips.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ import torch
 from models.metrics import psnr
 from storage.images import load_photo
 from storage.layout import DatasetRoot
-from tasks.precompute import load_clip_window
+from tasks.training.precompute import load_clip_window
 
 GATE_DB = 6.0
 MAX_PHOTOS = 4  # the photos the model is given (data.max_product_images)
@@ -81,8 +82,15 @@ def _summary(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), **{f"q{int(q * 100)}": float(np.quantile(values, q)) for q in QUANTILES}}
 
 
-def measure_brackets(dataset: Path, frames: int = 17, stride: int = 2, height: int = 128, width: int = 192,
-                     vae_folder: Path | None = None, split: str = "test") -> dict:
+def measure_brackets(
+    dataset: Path,
+    frames: int = 17,
+    stride: int = 2,
+    height: int = 128,
+    width: int = 192,
+    vae_folder: Path | None = None,
+    split: str = "test",
+) -> dict:
     """Per-clip mask-region PSNR of the brackets on `split`, their summaries and the gate's verdict."""
     root = DatasetRoot(Path(dataset).resolve())
     rows = root.read_manifest("dataset").to_pylist()
@@ -92,8 +100,10 @@ def measure_brackets(dataset: Path, frames: int = 17, stride: int = 2, height: i
     clips = {}
     for row in (r for r in rows if r["split"] == split):
         video, mask = _window(root, row, shape)
-        scores = {"photo_mean": psnr(filled(video, mask, photo_mean_colour(root, row["product_images"])), video, mask),
-                  "dataset_mean": psnr(filled(video, mask, mean_colour), video, mask)}
+        scores = {
+            "photo_mean": psnr(filled(video, mask, photo_mean_colour(root, row["product_images"])), video, mask),
+            "dataset_mean": psnr(filled(video, mask, mean_colour), video, mask),
+        }
         if vae is not None:
             scores["vae"] = psnr(vae_round_trip(vae, video), video, mask)
         clips[row["clip_key"]] = scores
@@ -101,20 +111,33 @@ def measure_brackets(dataset: Path, frames: int = 17, stride: int = 2, height: i
     summary = {name: _summary([c[name] for c in clips.values()]) for name in names}
     summary["photo_minus_dataset"] = _summary([c["photo_mean"] - c["dataset_mean"] for c in clips.values()])
     margin = summary["photo_mean"]["mean"] - summary["dataset_mean"]["mean"]
-    return {"dataset": str(root.root), "split": split, "clips": len(clips), "window": shape,
-            "dataset_mean_colour": [round(float(c) * 255, 1) for c in mean_colour], "summary": summary,
-            "gate_db": GATE_DB, "margin_db": margin, "passed": bool(margin >= GATE_DB), "per_clip": clips}
+    return {
+        "dataset": str(root.root),
+        "split": split,
+        "clips": len(clips),
+        "window": shape,
+        "dataset_mean_colour": [round(float(c) * 255, 1) for c in mean_colour],
+        "summary": summary,
+        "gate_db": GATE_DB,
+        "margin_db": margin,
+        "passed": bool(margin >= GATE_DB),
+        "per_clip": clips,
+    }
 
 
 def format_table(result: dict) -> str:
     columns = ["mean", *(f"q{int(q * 100)}" for q in QUANTILES)]
-    lines = [f"mask-region PSNR (dB) on {result['clips']} {result['split']} clips, window {result['window']}",
-             f"{'bracket':<22}" + "".join(f"{c:>8}" for c in columns)]
+    lines = [
+        f"mask-region PSNR (dB) on {result['clips']} {result['split']} clips, window {result['window']}",
+        f"{'bracket':<22}" + "".join(f"{c:>8}" for c in columns),
+    ]
     for name, stats in result["summary"].items():
         lines.append(f"{name:<22}" + "".join(f"{stats[c]:8.2f}" for c in columns))
     verdict = "PASS" if result["passed"] else "FAIL"
-    lines.append(f"{verdict}: photo_mean beats dataset_mean by {result['margin_db']:.2f} dB "
-                 f"(gate: >= {result['gate_db']:.0f} dB)")
+    lines.append(
+        f"{verdict}: photo_mean beats dataset_mean by {result['margin_db']:.2f} dB "
+        f"(gate: >= {result['gate_db']:.0f} dB)"
+    )
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ the PoC config, then those same clips are generated on the exact sampler and mea
 the mask. Far below 20 dB, something is broken (data, conditioning, objective, sampler) and no
 long run can help.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,9 @@ from experiments.poc.measure import generate
 from models import metrics as m
 from models.device import resolve_device
 from storage.layout import DatasetRoot
-from tasks.evaluate import load_clip
-from tasks.model_store import load_pipeline
-from tasks.run_config import load_run_config
+from tasks.training.evaluate import load_clip
+from tasks.training.model_store import load_pipeline
+from tasks.training.run_config import load_run_config
 
 MANIFESTS_BY_CLIP = ("clips", "masks", "masked_videos")
 
@@ -30,8 +31,9 @@ MANIFESTS_BY_CLIP = ("clips", "masks", "masked_videos")
 def subset_dataset(source: Path, target: Path, clips: int) -> list[dict]:
     """The first `clips` train clips of `source` as a dataset root at `target` (made once); returns their rows."""
     src = DatasetRoot(source.resolve())
-    rows = sorted((r for r in src.read_manifest("dataset").to_pylist() if r["split"] == "train"),
-                  key=lambda r: r["clip_key"])[:clips]
+    rows = sorted(
+        (r for r in src.read_manifest("dataset").to_pylist() if r["split"] == "train"), key=lambda r: r["clip_key"]
+    )[:clips]
     if target.joinpath("manifests", "dataset.parquet").is_file():
         return rows
     dst = DatasetRoot.create(target)
@@ -49,18 +51,28 @@ def subset_dataset(source: Path, target: Path, clips: int) -> list[dict]:
     return rows
 
 
-def run_overfit(dataset: Path, folder: Path, clips: int, steps: int, overrides: list[str],
-                config: str = CONFIG) -> dict:
+def run_overfit(
+    dataset: Path, folder: Path, clips: int, steps: int, overrides: list[str], config: str = CONFIG
+) -> dict:
     """Train on `clips` train clips for `steps` steps (every window in each batch), then measure them."""
     rows = subset_dataset(dataset, folder / "dataset", clips)
     cfg = load_run_config(config, [f"data.root={folder / 'dataset'}"])
     batch = clips * cfg.data.windows_per_clip
     result_file = folder / "train.json"
     command = [sys.executable, "-m", "flows.train", "--config", config, "--result", str(result_file)]
-    for item in [*overrides, f"data.root={folder / 'dataset'}", "train.run_name=poc-overfit",
-                 f"train.stage1.max_steps={steps}", f"train.stage1.batch_size={batch}", "train.sample_every_epoch=0",
-                 "train.warmup_steps=20", "train.ema_decay=null", "model.objective.drop_product_prob=0",
-                 "model.objective.drop_both_prob=0", "model.objective.drop_text_prob=0"]:
+    for item in [
+        *overrides,
+        f"data.root={folder / 'dataset'}",
+        "train.run_name=poc-overfit",
+        f"train.stage1.max_steps={steps}",
+        f"train.stage1.batch_size={batch}",
+        "train.sample_every_epoch=0",
+        "train.warmup_steps=20",
+        "train.ema_decay=null",
+        "model.objective.drop_product_prob=0",
+        "model.objective.drop_both_prob=0",
+        "model.objective.drop_text_prob=0",
+    ]:
         command += ["--set", item]
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -71,6 +83,13 @@ def run_overfit(dataset: Path, folder: Path, clips: int, steps: int, overrides: 
     inputs = [load_clip(folder / "dataset", row, cfg.data) for row in rows]
     generated = generate(pipe, inputs, [c.photos for c in inputs], cfg, device)
     per_clip = {c.row["clip_key"]: m.psnr(g, c.video, c.masks) for g, c in zip(generated, inputs)}
-    return {"clips": clips, "steps": steps, "batch_size": batch, "train_seconds": seconds,
-            "final_loss": trained["final_loss"], "model_uri": trained["model_uri"],
-            "psnr_mask_db": sum(per_clip.values()) / len(per_clip), "per_clip": per_clip}
+    return {
+        "clips": clips,
+        "steps": steps,
+        "batch_size": batch,
+        "train_seconds": seconds,
+        "final_loss": trained["final_loss"],
+        "model_uri": trained["model_uri"],
+        "psnr_mask_db": sum(per_clip.values()) / len(per_clip),
+        "per_clip": per_clip,
+    }

@@ -8,14 +8,15 @@ masks, the masked video of the masking stage, and 4 RGBA photo cut-outs of 128 x
 studio's true alpha. The files and manifests are those build-dataset writes (storage/layout.py,
 storage/schemas.py), so precompute, train and evaluate read them through the flows unchanged.
 
-What the model reads as text is the dataset's `caption` column (tasks/precompute.py encodes it):
+What the model reads as text is the dataset's `caption` column (tasks/training/precompute.py encodes it):
 here it holds the product's prompt, the category word alone, so no colour comes from the text.
 The describing captions, colours and shape of every product are in `studio.json`.
 
-Splits: by product (tasks.assemble, 80/10/10, seeded, stratified by category), so a test product
+Splits: by product (tasks.dataset.assemble, 80/10/10, seeded, stratified by category), so a test product
 (shape + colourway) is never seen in training, while its shape usually is, in other colours:
 that is what makes colours unmemorisable. The segmenter is not under test here: masks are true.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,16 +26,24 @@ from pathlib import Path
 
 import numpy as np
 
-from demo.studio import VIEWS, Colourway, StudioConfig, colourway_shape, plan_video, render_photo, render_video, \
-    unit_radius
+from demo.studio import (
+    VIEWS,
+    Colourway,
+    StudioConfig,
+    colourway_shape,
+    plan_video,
+    render_photo,
+    render_video,
+    unit_radius,
+)
 from storage.hashing import sha256_file, sha256_files, sha256_json
 from storage.images import save_png
 from storage.layout import DatasetRoot, clip_key
 from storage.video import EncodeSettings, VideoWriter
-from tasks.assemble import SPLITS, SplitConfig, assemble
-from tasks.masking import MaskConfig, mask_clip
-from tasks.product_images import ImageConfig, square_cutout
-from tasks.segment import mask_stats
+from tasks.dataset.assemble import SPLITS, SplitConfig, assemble
+from tasks.dataset.masking import MaskConfig, mask_clip
+from tasks.dataset.product_images import ImageConfig, square_cutout
+from tasks.dataset.segment import mask_stats
 
 HEIGHT, WIDTH, FPS = 128, 192, 24.0
 CLIP_SECONDS = (3.0, 4.0)  # 72-96 frames
@@ -51,10 +60,22 @@ MANIFEST_NAMES = ("products", "clips", "masks", "masked_videos", "product_images
 
 def poc_studio(products: int, colourways: int, seed: int) -> StudioConfig:
     """The studio of the PoC: colourway look, one landscape shot of 3-4 s a product."""
-    return StudioConfig(num_products=products, seed=seed, look="colourway", colourways=colourways, width=WIDTH,
-                        height=HEIGHT, fps=FPS, videos_per_product=(1, 1), shots_per_video=(1, 1),
-                        shot_seconds=CLIP_SECONDS, images_per_product=(4, 4), image_size=PHOTO_SIZE,
-                        portrait_fraction=0.0, kinds=KINDS)
+    return StudioConfig(
+        num_products=products,
+        seed=seed,
+        look="colourway",
+        colourways=colourways,
+        width=WIDTH,
+        height=HEIGHT,
+        fps=FPS,
+        videos_per_product=(1, 1),
+        shots_per_video=(1, 1),
+        shot_seconds=CLIP_SECONDS,
+        images_per_product=(4, 4),
+        image_size=PHOTO_SIZE,
+        portrait_fraction=0.0,
+        kinds=KINDS,
+    )
 
 
 def _write_clip(root: DatasetRoot, product: Colourway, cfg: StudioConfig) -> tuple[dict, dict]:
@@ -74,14 +95,27 @@ def _write_clip(root: DatasetRoot, product: Colourway, cfg: StudioConfig) -> tup
         masks_sha = sha256_files(sorted(mask_dir.glob("*.png")))
     stats = mask_stats(np.stack(masks))
     common = {"clip_key": key, "product_id": spec.product_id, "clip_id": CLIP_ID, "num_frames": len(masks)}
-    clip = common | {"source_uri": f"studio://seed-{cfg.seed}/{spec.product_id}", "start_s": 0.0,
-                     "source_sha256": sha256_json({"seed": cfg.seed, "product": spec.product_id}),
-                     "end_s": len(masks) / cfg.fps, "fps": cfg.fps, "height": HEIGHT, "width": WIDTH,
-                     "video_path": video_rel, "sha256": video_sha}
-    mask_row = common | {"mask_dir": mask_rel, "segmenter": SEGMENTER, "prompt": spec.kind,
-                         "coverage_mean": float(stats.coverage.mean()), "coverage_min": float(stats.coverage.min()),
-                         "coverage_max": float(stats.coverage.max()), "temporal_iou_min": stats.temporal_iou_min,
-                         "sha256": masks_sha}
+    clip = common | {
+        "source_uri": f"studio://seed-{cfg.seed}/{spec.product_id}",
+        "start_s": 0.0,
+        "source_sha256": sha256_json({"seed": cfg.seed, "product": spec.product_id}),
+        "end_s": len(masks) / cfg.fps,
+        "fps": cfg.fps,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "video_path": video_rel,
+        "sha256": video_sha,
+    }
+    mask_row = common | {
+        "mask_dir": mask_rel,
+        "segmenter": SEGMENTER,
+        "prompt": spec.kind,
+        "coverage_mean": float(stats.coverage.mean()),
+        "coverage_min": float(stats.coverage.min()),
+        "coverage_max": float(stats.coverage.max()),
+        "temporal_iou_min": stats.temporal_iou_min,
+        "sha256": masks_sha,
+    }
     return clip, mask_row
 
 
@@ -95,19 +129,35 @@ def _write_photos(root: DatasetRoot, product: Colourway) -> list[dict]:
         with root.atomic_file(rel) as tmp:
             save_png(tmp, square_cutout(rgb, alpha, alpha > 0.5, CUTOUT_SIZE, margin))
             digest, _ = sha256_file(tmp)
-        rows.append({"product_id": spec.product_id, "view": view, "image_path": rel, "source_name": f"{view}.png",
-                     "source_sha256": sha256_json({"product": spec.product_id, "view": view}),
-                     "background_removal": BACKGROUND_REMOVAL, "foreground_fraction": float((alpha > 0.5).mean()),
-                     "sha256": digest})
+        rows.append(
+            {
+                "product_id": spec.product_id,
+                "view": view,
+                "image_path": rel,
+                "source_name": f"{view}.png",
+                "source_sha256": sha256_json({"product": spec.product_id, "view": view}),
+                "background_removal": BACKGROUND_REMOVAL,
+                "foreground_fraction": float((alpha > 0.5).mean()),
+                "sha256": digest,
+            }
+        )
     return rows
 
 
 def _truth(product: Colourway) -> dict:
     spec = product.spec
-    return {"category": spec.kind, "caption": spec.caption, "shape_index": product.shape_index,
-            "colourway": product.colourway, "texture": spec.texture, "shape": spec.shape,
-            "colours": {name: "#%02x%02x%02x" % rgb for name, rgb in
-                        (("primary", spec.primary), ("secondary", spec.secondary), ("accent", spec.accent))}}
+    return {
+        "category": spec.kind,
+        "caption": spec.caption,
+        "shape_index": product.shape_index,
+        "colourway": product.colourway,
+        "texture": spec.texture,
+        "shape": spec.shape,
+        "colours": {
+            name: "#%02x%02x%02x" % rgb
+            for name, rgb in (("primary", spec.primary), ("secondary", spec.secondary), ("accent", spec.accent))
+        },
+    }
 
 
 def render_shape(task: tuple[str, StudioConfig, int]) -> dict[str, list[dict]]:
@@ -126,8 +176,16 @@ def render_shape(task: tuple[str, StudioConfig, int]) -> dict[str, list[dict]]:
         rows["masked_videos"] += masked["rows"]
         rows["product_images"] += _write_photos(root, product)
         # caption = the prompt: the category word is all the text the model gets
-        rows["products"].append({"product_id": spec.product_id, "category": spec.kind, "caption": spec.kind,
-                                 "prompt": spec.kind, "num_videos": 1, "num_images": len(PHOTO_VIEWS)})
+        rows["products"].append(
+            {
+                "product_id": spec.product_id,
+                "category": spec.kind,
+                "caption": spec.kind,
+                "prompt": spec.kind,
+                "num_videos": 1,
+                "num_images": len(PHOTO_VIEWS),
+            }
+        )
         rows["truth"].append({"product_id": spec.product_id, **_truth(product)})
     return rows
 
@@ -142,8 +200,9 @@ def _rendered(folder: Path, cfg: StudioConfig, workers: int) -> Iterator[dict[st
         yield from pool.imap(render_shape, tasks)
 
 
-def render_poc_dataset(folder: Path, products: int = 1000, colourways: int = 4, seed: int = 0,
-                       workers: int = 1) -> dict:
+def render_poc_dataset(
+    folder: Path, products: int = 1000, colourways: int = 4, seed: int = 0, workers: int = 1
+) -> dict:
     """Render `products` products (whole shapes: rounded up to a multiple of `colourways`) into the
     dataset root `folder` (new or empty); returns a summary. Deterministic from `seed`."""
     started = time.perf_counter()
@@ -172,8 +231,11 @@ def summarise(dataset_rows: list[dict], truth: dict, seconds: float) -> dict:
     split_of = {row["product_id"]: row["split"] for row in dataset_rows}
     train_shapes = {truth[p]["shape_index"] for p, split in split_of.items() if split == "train"}
     test = [p for p, split in split_of.items() if split == "test"]
-    return {"products": len(split_of), "shapes": len({t["shape_index"] for t in truth.values()}),
-            "clips_per_split": {s: sum(r["split"] == s for r in dataset_rows) for s in SPLITS},
-            "frames": sum(r["num_frames"] for r in dataset_rows),
-            "test_products_whose_shape_is_in_train": sum(truth[p]["shape_index"] in train_shapes for p in test),
-            "seconds": round(seconds, 1)}
+    return {
+        "products": len(split_of),
+        "shapes": len({t["shape_index"] for t in truth.values()}),
+        "clips_per_split": {s: sum(r["split"] == s for r in dataset_rows) for s in SPLITS},
+        "frames": sum(r["num_frames"] for r in dataset_rows),
+        "test_products_whose_shape_is_in_train": sum(truth[p]["shape_index"] in train_shapes for p in test),
+        "seconds": round(seconds, 1),
+    }

@@ -3,6 +3,7 @@ a table of window means (printed, for docs/poc.md) and a plot.
 
     python -m experiments.poc report --mlflow-db out/mlflow.db --out docs/bench/poc-2026-12-01
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ def training_runs(client: MlflowClient) -> dict[str, tuple[str, dict[str, tuple[
     """{run name: (run id, {metric: (steps, values)})} of the PoC's training runs (named by
     train.run_name), the latest run of each name (an earlier attempt may have crashed), for the
     METRICS the run logged."""
-    names = {override.split("=", 1)[1] for overrides in RUNS.values() for override in overrides["train"]
-             if override.startswith("train.run_name=")}
+    names = {
+        override.split("=", 1)[1]
+        for overrides in RUNS.values()
+        for override in overrides["train"]
+        if override.startswith("train.run_name=")
+    }
     found = {}
     for experiment in client.search_experiments():
         for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"]):
@@ -43,16 +48,27 @@ def training_runs(client: MlflowClient) -> dict[str, tuple[str, dict[str, tuple[
 def write_report(mlflow_db: Path, out: Path) -> str:
     """loss_curves.json, loss.png (one panel per metric) and a table of window means per run and metric."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     uri = f"sqlite:///{mlflow_db.resolve()}"
     runs = training_runs(MlflowClient(uri, uri))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "loss_curves.json").write_text(json.dumps(
-        {name: {"run_id": run_id, **{metric: {"steps": steps.astype(int).tolist(), "values": values.tolist()}
-                                     for metric, (steps, values) in curves.items()}}
-         for name, (run_id, curves) in runs.items()}))
+    (out / "loss_curves.json").write_text(
+        json.dumps(
+            {
+                name: {
+                    "run_id": run_id,
+                    **{
+                        metric: {"steps": steps.astype(int).tolist(), "values": values.tolist()}
+                        for metric, (steps, values) in curves.items()
+                    },
+                }
+                for name, (run_id, curves) in runs.items()
+            }
+        )
+    )
 
     last = max(int(steps.max()) for _, curves in runs.values() for steps, _ in curves.values())
     windows = [(a, min(b, last)) for a, b in WINDOWS if a < last]
@@ -70,7 +86,7 @@ def write_report(mlflow_db: Path, out: Path) -> str:
                 steps, values = curves[metric]
                 window = min(SMOOTHING, len(values))
                 smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-                ax.plot(steps[window - 1:], smooth, label=f"{name} ({run_id[:8]})")
+                ax.plot(steps[window - 1 :], smooth, label=f"{name} ({run_id[:8]})")
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{metric} (mean of {SMOOTHING} steps)")

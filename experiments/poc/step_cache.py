@@ -9,6 +9,7 @@ that ran every block, and seconds per clip.
 
     python -m experiments.poc step-cache --model models:/product-video-generator-poc/1 --out $OUT
 """
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,12 @@ from diffusers.hooks import FirstBlockCacheConfig
 from flows.generate import open_model
 from models import metrics
 from models.speed import FullStepCounter, apply_generation_speed
-from tasks.evaluate import generate_clip, load_clip, split_rows
+from tasks.training.evaluate import generate_clip, load_clip, split_rows
 
 
-def mask_psnr_of_mean_error(generated: list[np.ndarray], references: list[np.ndarray],
-                            masks: list[np.ndarray]) -> float:
+def mask_psnr_of_mean_error(
+    generated: list[np.ndarray], references: list[np.ndarray], masks: list[np.ndarray]
+) -> float:
     """PSNR of the mean squared error inside the masks over all clips (finite when outputs match
     in places: a per-clip PSNR of identical outputs would be infinite)."""
     errors = [float(((g - r) ** 2)[m.astype(bool)].mean()) for g, r, m in zip(generated, references, masks)]
@@ -34,8 +36,15 @@ def mask_psnr_of_mean_error(generated: list[np.ndarray], references: list[np.nda
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
-def measure_step_cache(model: str, thresholds: list[float], out: Path, split: str = "test", steps: int = 50,
-                       max_clips: int | None = None, device: str = "cuda") -> dict:
+def measure_step_cache(
+    model: str,
+    thresholds: list[float],
+    out: Path,
+    split: str = "test",
+    steps: int = 50,
+    max_clips: int | None = None,
+    device: str = "cuda",
+) -> dict:
     # open_model looks URIs up in the project's MLflow store, as `flows.generate` does.
     pipe, run_config = open_model(model, device, plain=True)
 
@@ -44,8 +53,9 @@ def measure_step_cache(model: str, thresholds: list[float], out: Path, split: st
             torch.cuda.synchronize()
 
     root = str(Path(run_config.data.root).resolve())
-    settings = run_config.evaluate.model_copy(update={"num_inference_steps": steps, "text_guidance_scale": 5.0,
-                                                      "product_guidance_scale": 3.0})
+    settings = run_config.evaluate.model_copy(
+        update={"num_inference_steps": steps, "text_guidance_scale": 5.0, "product_guidance_scale": 3.0}
+    )
     clips = [load_clip(root, row, run_config.data) for row in split_rows(root, split, max_clips)]
     masks = [clip.masks for clip in clips]
     real = [clip.video for clip in clips]
@@ -61,9 +71,13 @@ def measure_step_cache(model: str, thresholds: list[float], out: Path, split: st
         sync()
         seconds = (time.perf_counter() - started) / len(clips)
         psnr = float(np.mean([metrics.psnr(g, r, m) for g, r, m in zip(outputs, real, masks)]))
-        row = {"path": label, "clips": len(clips), "psnr_mask_vs_real": round(psnr, 3),
-               "full_step_fraction": round(counter.count / (steps * len(clips)), 3) if counter else 1.0,
-               "seconds_per_clip": round(seconds, 3)}
+        row = {
+            "path": label,
+            "clips": len(clips),
+            "psnr_mask_vs_real": round(psnr, 3),
+            "full_step_fraction": round(counter.count / (steps * len(clips)), 3) if counter else 1.0,
+            "seconds_per_clip": round(seconds, 3),
+        }
         print(json.dumps(row), flush=True)
         return row, outputs
 
@@ -75,22 +89,34 @@ def measure_step_cache(model: str, thresholds: list[float], out: Path, split: st
     for threshold in [None, *thresholds]:
         if threshold is not None:
             pipe.transformer.wan.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-        row, outputs = run("cudnn + compile" + (f" + step cache {threshold}" if threshold else ""), fast,
-                           cached=threshold is not None)
+        row, outputs = run(
+            "cudnn + compile" + (f" + step cache {threshold}" if threshold else ""), fast, cached=threshold is not None
+        )
         row["psnr_mask_change_db"] = round(row["psnr_mask_vs_real"] - exact_row["psnr_mask_vs_real"], 3)
         row["psnr_mask_vs_exact"] = round(mask_psnr_of_mean_error(outputs, exact, masks), 2)
         row["speedup_vs_exact"] = round(exact_row["seconds_per_clip"] / row["seconds_per_clip"], 2)
         rows.append(row)
         if threshold is not None:
             pipe.transformer.wan.disable_cache()
-    result = {"model": model, "split": split, "steps": steps, "guidance": [5.0, 3.0], "rows": rows,
-              "device": torch.cuda.get_device_name(0) if device != "cpu" else "cpu", "torch": torch.__version__}
+    result = {
+        "model": model,
+        "split": split,
+        "steps": steps,
+        "guidance": [5.0, 3.0],
+        "rows": rows,
+        "device": torch.cuda.get_device_name(0) if device != "cpu" else "cpu",
+        "torch": torch.__version__,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_cache.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| path | mask PSNR vs real (dB) | change (dB) | mask PSNR vs exact (dB) | full steps | s/clip | speed-up |")
+    print(
+        "\n| path | mask PSNR vs real (dB) | change (dB) | mask PSNR vs exact (dB) | full steps | s/clip | speed-up |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['path']} | {row['psnr_mask_vs_real']} | {row.get('psnr_mask_change_db', '')} | "
-              f"{row.get('psnr_mask_vs_exact', '')} | {row['full_step_fraction']} | {row['seconds_per_clip']} | "
-              f"{row.get('speedup_vs_exact', '')} |")
+        print(
+            f"| {row['path']} | {row['psnr_mask_vs_real']} | {row.get('psnr_mask_change_db', '')} | "
+            f"{row.get('psnr_mask_vs_exact', '')} | {row['full_step_fraction']} | {row['seconds_per_clip']} | "
+            f"{row.get('speedup_vs_exact', '')} |"
+        )
     return result

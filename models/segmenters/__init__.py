@@ -27,7 +27,7 @@ def _backend_settings(settings_type: type[BaseModel], cfg: BaseModel) -> BaseMod
 def load_segmenter(cfg: BaseModel) -> Segmenter:
     """The backend named by `cfg.backend`, built from its fields of `cfg` (e.g. SegmentConfig).
 
-    Raises tasks.stage.SystemicError when the backend's weights cannot be loaded.
+    Raises storage.errors.SystemicError when the backend's weights cannot be loaded.
     """
     if cfg.backend == "classic":
         return ClassicSegmenter(_backend_settings(ClassicSettings, cfg))

@@ -34,8 +34,7 @@ def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarra
     16-bit (faster to write) where a frame of this size cannot hold more components (a
     checkerboard has H*W/2)."""
     ltype = cv2.CV_16U if mask.size // 2 + 1 < 2**16 else cv2.CV_32S
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity,
-                                                           ltype=ltype)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity, ltype=ltype)
     return labels, stats
 
 

@@ -33,7 +33,10 @@ from models.segmenters.base import SegmentationOutput
 from storage.errors import SystemicError
 
 _SAM2_RELEASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_large.pt"
-_CLASSIC_HINT = "or, for footage on a clean studio backdrop, use segmenter='classic' (SegmentConfig backend='classic')"
+_CLASSIC_HINT = (
+    "or, for footage on a clean studio backdrop, use the classic segmenter "
+    "(build config: segmentation.backend=classic, as configs/dataset/demo.yaml)"
+)
 # Images per network call in `segment_many`: enough to fill a GPU; the activations of a batch of
 # SAM2 hiera-L at 1024 px are a few GB in bf16.
 DETECTOR_BATCH = 8
@@ -176,8 +179,9 @@ def sam2_input(frames: np.ndarray, image_size: int, device: torch.device) -> tor
     return (images - mean) / std
 
 
-def video_state(predictor: torch.nn.Module, images: torch.Tensor, cached_features: dict, height: int,
-                width: int) -> dict:
+def video_state(
+    predictor: torch.nn.Module, images: torch.Tensor, cached_features: dict, height: int, width: int
+) -> dict:
     """The inference state `SAM2VideoPredictor.init_state` (sam2 1.1.0) builds, for frames already
     in memory with every frame's features already in `cached_features`.
 
@@ -237,8 +241,12 @@ class GroundedSam2Segmenter:
     def segment(self, frames: np.ndarray, prompt: str) -> SegmentationOutput:
         return self.segment_many([frames], [prompt])[0]
 
-    def segment_many(self, clips: list[np.ndarray], prompts: list[str], max_objects: int = 1,
-                     ) -> list[SegmentationOutput]:
+    def segment_many(
+        self,
+        clips: list[np.ndarray],
+        prompts: list[str],
+        max_objects: int = 1,
+    ) -> list[SegmentationOutput]:
         """`segment` of every clip (T, H, W, 3) with its prompt, the networks batched across clips.
 
         The features and inputs of all frames of all clips in which a product is found are held at
@@ -256,15 +264,17 @@ class GroundedSam2Segmenter:
         outputs = []
         for clip, seed in zip(clips, seeds):
             if seed is None:  # the product was not found on any keyframe
-                outputs.append(SegmentationOutput(np.zeros(clip.shape[:3], bool), num_objects=0,
-                                                  scores=np.zeros(len(clip))))
+                outputs.append(
+                    SegmentationOutput(np.zeros(clip.shape[:3], bool), num_objects=0, scores=np.zeros(len(clip)))
+                )
                 continue
             masks, scores = self._track(clip.shape[1:3], seed, next(encoded))
             outputs.append(SegmentationOutput(masks, num_objects=seed.num_objects, scores=scores))
         return outputs
 
-    def _seed(self, keyframes: np.ndarray, detections: list[tuple[np.ndarray, np.ndarray]],
-              max_objects: int) -> _Seed | None:
+    def _seed(
+        self, keyframes: np.ndarray, detections: list[tuple[np.ndarray, np.ndarray]], max_objects: int
+    ) -> _Seed | None:
         """The keyframe whose best box scores highest, with its distinct boxes; None if no box."""
         top_scores = [float(s.max()) if len(s) else 0.0 for s, _ in detections]
         best = int(np.argmax(top_scores))
@@ -274,8 +284,11 @@ class GroundedSam2Segmenter:
         products = distinct_boxes(boxes, scores, self.settings.duplicate_box_overlap)
         return _Seed(int(keyframes[best]), products[:max_objects], len(products))
 
-    def _detect_keyframes(self, keyframes: list[np.ndarray], prompts: list[str],
-                          ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    def _detect_keyframes(
+        self,
+        keyframes: list[np.ndarray],
+        prompts: list[str],
+    ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Per clip, per keyframe: the detections. Only keyframes with the same prompt and size share
         a detector call: the processor pads texts and images to the longest, which changes scores."""
         groups: dict[tuple, list[tuple[int, int]]] = {}
@@ -324,8 +337,10 @@ class GroundedSam2Segmenter:
             # The position encoding depends on the feature size only: one copy serves every frame.
             pos_enc = pos_enc or [pos[:1].clone() for pos in out["vision_pos_enc"]]
             for i, (c, f) in enumerate(batch):
-                features = {"backbone_fpn": [level[i : i + 1] for level in out["backbone_fpn"]],
-                            "vision_pos_enc": pos_enc}
+                features = {
+                    "backbone_fpn": [level[i : i + 1] for level in out["backbone_fpn"]],
+                    "vision_pos_enc": pos_enc,
+                }
                 cached[c][f] = (images[c][f].unsqueeze(0), features)
         return [_Encoded(clip_images, features) for clip_images, features in zip(images, cached)]
 

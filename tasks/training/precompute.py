@@ -30,6 +30,7 @@ too short for one window is set aside with a reason. `signature` names the encod
 shape, so two configs that encode differently keep separate folders and a shared dataset never
 mixes them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,9 +55,9 @@ from storage.images import load_mask_png, load_photo_rgba
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError, reject_row
 from storage.video import fit_crop, read_video
-from tasks.model_store import resolve_model_config
-from tasks.run_config import RunConfig, prompt_of
-from tasks.stage import StageResult, cache_storage, stage_task
+from tasks.dataset.stage import StageResult, cache_storage, stage_task
+from tasks.training.model_store import resolve_model_config
+from tasks.training.run_config import RunConfig, prompt_of
 
 STAGE = "precompute"
 STAGE_VERSION = "2"
@@ -88,16 +89,28 @@ class LatentSpec(BaseModel):
     data_dir: str  # where `base_model: tiny` components live
 
     @classmethod
-    def from_run_config(cls, cfg: RunConfig) -> "LatentSpec":
+    def from_run_config(cls, cfg: RunConfig) -> LatentSpec:
         model, data = cfg.model, cfg.data
-        return cls(backend=model.backend, base_model=model.base_model, reference=model.reference,
-                   masked_fill=model.masked_fill, image_encoder=model.image_encoder,
-                   image_encoder_subfolder=model.image_encoder_subfolder,
-                   image_processor_subfolder=model.image_processor_subfolder,
-                   text_max_length=model.text_max_length, prompt_from=data.prompt_from, frames=data.frames,
-                   frame_stride=data.frame_stride, windows_per_clip=data.windows_per_clip,
-                   height=data.height, width=data.width, max_product_images=data.max_product_images,
-                   dtype=cfg.precompute.dtype, device=cfg.precompute.device, data_dir=cfg.mlflow.data_dir)
+        return cls(
+            backend=model.backend,
+            base_model=model.base_model,
+            reference=model.reference,
+            masked_fill=model.masked_fill,
+            image_encoder=model.image_encoder,
+            image_encoder_subfolder=model.image_encoder_subfolder,
+            image_processor_subfolder=model.image_processor_subfolder,
+            text_max_length=model.text_max_length,
+            prompt_from=data.prompt_from,
+            frames=data.frames,
+            frame_stride=data.frame_stride,
+            windows_per_clip=data.windows_per_clip,
+            height=data.height,
+            width=data.width,
+            max_product_images=data.max_product_images,
+            dtype=cfg.precompute.dtype,
+            device=cfg.precompute.device,
+            data_dir=cfg.mlflow.data_dir,
+        )
 
     @property
     def signature(self) -> str:
@@ -106,11 +119,19 @@ class LatentSpec(BaseModel):
 
     def resolved_model(self) -> ModelConfig:
         """The (resolved) model config of these encoders: what models.spec.specification reads."""
-        return resolve_model_config(ModelConfig(
-            backend=self.backend, base_model=self.base_model, reference=self.reference, masked_fill=self.masked_fill,
-            image_encoder=self.image_encoder, image_encoder_subfolder=self.image_encoder_subfolder,
-            image_processor_subfolder=self.image_processor_subfolder, text_max_length=self.text_max_length),
-            self.data_dir)
+        return resolve_model_config(
+            ModelConfig(
+                backend=self.backend,
+                base_model=self.base_model,
+                reference=self.reference,
+                masked_fill=self.masked_fill,
+                image_encoder=self.image_encoder,
+                image_encoder_subfolder=self.image_encoder_subfolder,
+                image_processor_subfolder=self.image_processor_subfolder,
+                text_max_length=self.text_max_length,
+            ),
+            self.data_dir,
+        )
 
 
 def product_rel(signature: str, product_id: str) -> str:
@@ -131,9 +152,11 @@ def _encoders(spec: LatentSpec) -> tuple[ModelSpecification, object, threading.L
     try:
         return model_spec, model_spec.load_encoders(resolve_device(spec.device), DTYPES[spec.dtype]), threading.Lock()
     except (OSError, ValueError) as error:
-        raise SystemicError(f"cannot load the frozen encoders of {cfg.base_model} / {cfg.image_encoder}: "
-                            f"{error}. Download the weights (huggingface-cli download ...) or fix "
-                            "model.base_model / model.image_encoder in the run config") from error
+        raise SystemicError(
+            f"cannot load the frozen encoders of {cfg.base_model} / {cfg.image_encoder}: "
+            f"{error}. Download the weights (huggingface-cli download ...) or fix "
+            "model.base_model / model.image_encoder in the run config"
+        ) from error
 
 
 def window_starts(num_frames: int, frames: int, stride: int, count: int) -> list[int]:
@@ -141,13 +164,16 @@ def window_starts(num_frames: int, frames: int, stride: int, count: int) -> list
     choice: the first at frame 0, the last ending at the clip's end); too short a clip is a reject."""
     needed = (frames - 1) * stride + 1
     if num_frames < needed:
-        raise RejectError("clip_too_short", f"clip has {num_frames} frames; the sample window needs {needed} "
-                                            f"({frames} frames every {stride})")
+        raise RejectError(
+            "clip_too_short",
+            f"clip has {num_frames} frames; the sample window needs {needed} ({frames} frames every {stride})",
+        )
     return sorted({round(start) for start in np.linspace(0, num_frames - needed, count)})
 
 
-def load_clip_windows(root: DatasetRoot, video_path: str, mask_dir: str, frames: int, stride: int, height: int,
-                      width: int, count: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def load_clip_windows(
+    root: DatasetRoot, video_path: str, mask_dir: str, frames: int, stride: int, height: int, width: int, count: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(video (3, T, H, W) float in [0, 1], mask (1, T, H, W) float in {0, 1})] of a dataset clip's
     sample windows (window_starts), from the clip and its mask PNGs (not the masked video)."""
     clip = read_video(root.path(video_path))
@@ -158,15 +184,18 @@ def load_clip_windows(root: DatasetRoot, video_path: str, mask_dir: str, frames:
     for start in window_starts(len(clip), frames, stride, count):
         indices = range(start, start + (frames - 1) * stride + 1, stride)
         video = np.stack([fit_crop(clip[i], height, width) for i in indices])
-        masks = np.stack([fit_crop(load_mask_png(mask_files[i]).astype(np.uint8) * 255, height, width) > 127
-                          for i in indices])
-        windows.append((torch.from_numpy(video).permute(3, 0, 1, 2).float() / 255,
-                        torch.from_numpy(masks).unsqueeze(0).float()))
+        masks = np.stack(
+            [fit_crop(load_mask_png(mask_files[i]).astype(np.uint8) * 255, height, width) > 127 for i in indices]
+        )
+        windows.append(
+            (torch.from_numpy(video).permute(3, 0, 1, 2).float() / 255, torch.from_numpy(masks).unsqueeze(0).float())
+        )
     return windows
 
 
-def load_clip_window(root: DatasetRoot, video_path: str, mask_dir: str, frames: int, stride: int,
-                     height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_clip_window(
+    root: DatasetRoot, video_path: str, mask_dir: str, frames: int, stride: int, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The clip's first sample window (what evaluation and sample videos show)."""
     return load_clip_windows(root, video_path, mask_dir, frames, stride, height, width)[0]
 
@@ -179,8 +208,11 @@ def load_product_photos(root: DatasetRoot, image_paths: list[str], max_images: i
 
 def _save(root: DatasetRoot, rel: str, tensors: dict[str, torch.Tensor], spec: LatentSpec) -> str:
     with root.atomic_file(rel) as tmp:
-        save_file({name: value.contiguous() for name, value in tensors.items()}, str(tmp),
-                  metadata={"signature": spec.signature})
+        save_file(
+            {name: value.contiguous() for name, value in tensors.items()},
+            str(tmp),
+            metadata={"signature": spec.signature},
+        )
         digest, _ = sha256_file(tmp)
     return digest
 
@@ -203,8 +235,16 @@ def precompute_product(product: dict, root: str, spec: LatentSpec) -> StageResul
     rows, rejects = [], []
     for item in product["clips"]:
         try:
-            windows = load_clip_windows(dataset, item["video_path"], item["mask_dir"], spec.frames, spec.frame_stride,
-                                        spec.height, spec.width, spec.windows_per_clip)
+            windows = load_clip_windows(
+                dataset,
+                item["video_path"],
+                item["mask_dir"],
+                spec.frames,
+                spec.frame_stride,
+                spec.height,
+                spec.width,
+                spec.windows_per_clip,
+            )
         except RejectError as error:
             rejects.append(reject_row(STAGE, item["clip_key"], error.code, str(error), pid, item["clip_id"]))
             continue
@@ -212,11 +252,23 @@ def precompute_product(product: dict, root: str, spec: LatentSpec) -> StageResul
             with encoding:
                 tensors = model_spec.encode_clip(encoders, video, mask, prompt_of(item, spec.prompt_from))
             rel = window_rel(spec.signature, pid, item["clip_key"], window)
-            rows.append({"clip_key": item["clip_key"], "window": window, "product_id": pid, "clip_id": item["clip_id"],
-                         "split": item["split"], "category": item["category"], "signature": spec.signature,
-                         "path": rel, "shapes": _shapes(tensors), "sha256": _save(dataset, rel, tensors, spec),
-                         "product_path": photo_rel, "product_shapes": _shapes(photo_tensors),
-                         "num_images": len(photos)})
+            rows.append(
+                {
+                    "clip_key": item["clip_key"],
+                    "window": window,
+                    "product_id": pid,
+                    "clip_id": item["clip_id"],
+                    "split": item["split"],
+                    "category": item["category"],
+                    "signature": spec.signature,
+                    "path": rel,
+                    "shapes": _shapes(tensors),
+                    "sha256": _save(dataset, rel, tensors, spec),
+                    "product_path": photo_rel,
+                    "product_shapes": _shapes(photo_tensors),
+                    "num_images": len(photos),
+                }
+            )
     return {"rows": rows, "rejects": rejects}
 
 
@@ -226,8 +278,10 @@ precompute_product_task = stage_task(STAGE, STAGE_VERSION)(precompute_product)
 def clip_items(root: DatasetRoot) -> list[dict]:
     """Dataset rows with the content hashes of their clip, masks and photos (the cache key)."""
     if not root.has_manifest("dataset"):
-        raise FileNotFoundError(f"{root.root} has no manifests/dataset.parquet: run build-dataset first "
-                                "(or point data.root at a built dataset)")
+        raise FileNotFoundError(
+            f"{root.root} has no manifests/dataset.parquet: run build-dataset first "
+            "(or point data.root at a built dataset)"
+        )
     clip_sha = dict(zip(*root.read_manifest("clips").select(["clip_key", "sha256"]).to_pydict().values()))
     mask_sha = dict(zip(*root.read_manifest("masks").select(["clip_key", "sha256"]).to_pydict().values()))
     image_sha = dict(zip(*root.read_manifest("product_images").select(["image_path", "sha256"]).to_pydict().values()))
@@ -245,9 +299,15 @@ def product_items(root: DatasetRoot) -> list[dict]:
     grouped: dict[str, list[dict]] = defaultdict(list)
     for item in clip_items(root):
         grouped[item["product_id"]].append(item)
-    return [{"product_id": pid, "product_images": clips[0]["product_images"],
-             "image_sha256": clips[0]["image_sha256"], "clips": sorted(clips, key=lambda c: c["clip_key"])}
-            for pid, clips in sorted(grouped.items())]
+    return [
+        {
+            "product_id": pid,
+            "product_images": clips[0]["product_images"],
+            "image_sha256": clips[0]["image_sha256"],
+            "clips": sorted(clips, key=lambda c: c["clip_key"]),
+        }
+        for pid, clips in sorted(grouped.items())
+    ]
 
 
 def precompute_latents(cfg: RunConfig) -> dict:
@@ -277,8 +337,14 @@ def precompute_latents(cfg: RunConfig) -> dict:
     if root.has_manifest("latents"):
         others = [row for row in root.read_manifest("latents").to_pylist() if row["signature"] != spec.signature]
     root.write_manifest("latents", others + rows)
-    get_run_logger().info("precompute %s: %d products encoded, %d from cache, %d clip windows, %d clips set aside",
-                          spec.signature, work["ran"], work["cached"], len(rows), len(rejects))
+    get_run_logger().info(
+        "precompute %s: %d products encoded, %d from cache, %d clip windows, %d clips set aside",
+        spec.signature,
+        work["ran"],
+        work["cached"],
+        len(rows),
+        len(rejects),
+    )
     return {"signature": spec.signature, "rows": rows, "rejects": rejects, **work}
 
 
@@ -300,8 +366,10 @@ def _header(root: DatasetRoot, row: dict, rel: str) -> dict[str, list[int]]:
         with safe_open(str(path), framework="pt") as handle:
             return {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as error:  # missing file, truncated header, not a safetensors file
-        raise LatentsError(f"latents of clip {row['clip_key']} unreadable at {path} ({error}); re-run "
-                           "precompute (the train flow does it first) to re-create them") from error
+        raise LatentsError(
+            f"latents of clip {row['clip_key']} unreadable at {path} ({error}); re-run "
+            "precompute (the train flow does it first) to re-create them"
+        ) from error
 
 
 def check_latents(root: DatasetRoot, row: dict) -> None:
@@ -309,8 +377,10 @@ def check_latents(root: DatasetRoot, row: dict) -> None:
     for rel, recorded in ((row["path"], row["shapes"]), (row["product_path"], row["product_shapes"])):
         found, expected = _header(root, row, rel), json.loads(recorded)
         if found != expected:
-            raise LatentsError(f"latents of clip {row['clip_key']} at {root.path(rel)} hold {found}, the manifest "
-                               f"says {expected}; re-run precompute to re-create them")
+            raise LatentsError(
+                f"latents of clip {row['clip_key']} at {root.path(rel)} hold {found}, the manifest "
+                f"says {expected}; re-run precompute to re-create them"
+            )
 
 
 def load_latents(root: DatasetRoot, row: dict) -> dict[str, torch.Tensor]:
@@ -322,6 +392,8 @@ def load_latents(root: DatasetRoot, row: dict) -> dict[str, torch.Tensor]:
             with safe_open(str(root.path(rel)), framework="pt") as handle:
                 tensors |= {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as error:
-            raise LatentsError(f"latents of clip {row['clip_key']} unreadable at {root.path(rel)} ({error}); "
-                               "re-run precompute (the train flow does it first) to re-create them") from error
+            raise LatentsError(
+                f"latents of clip {row['clip_key']} unreadable at {root.path(rel)} ({error}); "
+                "re-run precompute (the train flow does it first) to re-create them"
+            ) from error
     return tensors

@@ -15,10 +15,11 @@ another machine loads wherever those resolve. `base_model: tiny` (CPU tests, dem
 random tiny components materialised once under `<data_dir>/models/tiny` (they are seeded, so
 every machine builds the same weights).
 """
+
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from models.spec import specification
 from models.tiny import save_tiny, tiny_folder_name
 from storage.layout import DatasetRoot
 from storage.tracking import ModelNotFoundError, resolve_model_uri
-from tasks.run_config import RunConfig, load_run_config, run_config_from_dict
+from tasks.training.run_config import RunConfig, load_run_config, run_config_from_dict
 
 RUN_CONFIG_NAME = "run_config.yaml"
 GENERATOR_DIR = "generator"
@@ -37,9 +38,20 @@ MODEL_CARD_NAME = "model_card.json"
 
 # ModelConfig fields that decide the generator's weights: two configs that differ here cannot
 # share a checkpoint. (Sampler and objective settings can change freely.)
-ARCHITECTURE_FIELDS = ("backend", "base_model", "image_encoder", "reference", "reference_attention",
-                       "reference_lora_rank", "num_product_tokens", "product_hidden_dim", "product_num_heads",
-                       "inject_layers", "product_attention_heads", "mask_packing")
+ARCHITECTURE_FIELDS = (
+    "backend",
+    "base_model",
+    "image_encoder",
+    "reference",
+    "reference_attention",
+    "reference_lora_rank",
+    "num_product_tokens",
+    "product_hidden_dim",
+    "product_num_heads",
+    "inject_layers",
+    "product_attention_heads",
+    "mask_packing",
+)
 
 
 # `base:<run config YAML>` names the model a run config describes before any training: zero-shot
@@ -68,25 +80,34 @@ def resolve_model_config(cfg: ModelConfig, data_dir: str | Path = "data") -> Mod
 
 def check_compatible(found: ModelConfig, expected: ModelConfig, where: str) -> None:
     """Raise IncompatibleCheckpointError naming every architecture field that differs."""
-    differences = [f"{name}: checkpoint {getattr(found, name)!r} vs config {getattr(expected, name)!r}"
-                   for name in ARCHITECTURE_FIELDS if getattr(found, name) != getattr(expected, name)]
+    differences = [
+        f"{name}: checkpoint {getattr(found, name)!r} vs config {getattr(expected, name)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(found, name) != getattr(expected, name)
+    ]
     if differences:
         raise IncompatibleCheckpointError(
             f"{where} was trained with another model config ({'; '.join(differences)}): use a "
-            "checkpoint trained with this config, or change the config to match it")
+            "checkpoint trained with this config, or change the config to match it"
+        )
 
 
-def save_model_folder(folder: str | Path, generator: torch.nn.Module, run_config: RunConfig,
-                      adapter_only: bool, info: dict | None = None) -> Path:
+def save_model_folder(
+    folder: str | Path, generator: torch.nn.Module, run_config: RunConfig, adapter_only: bool, info: dict | None = None
+) -> Path:
     """Write the model folder atomically (it appears complete or not at all) and return it.
 
     adapter_only: save only the new transformer weights (stage-1 runs: megabytes instead of the
     whole DiT). info: extra model-card entries (stage, step, dataset_root, run_id, ...).
     """
     folder = Path(folder).resolve()
-    card = {"base_model": run_config.model.base_model, "adapter_only": adapter_only,
-            "config_fingerprint": run_config.fingerprint(),
-            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(info or {})}
+    card = {
+        "base_model": run_config.model.base_model,
+        "adapter_only": adapter_only,
+        "config_fingerprint": run_config.fingerprint(),
+        "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(info or {}),
+    }
     parent = DatasetRoot.create(folder.parent)
     with parent.atomic_dir(folder.name) as tmp:
         specification(run_config.model).save_generator(generator, tmp / GENERATOR_DIR, adapter_only)
@@ -102,8 +123,10 @@ def read_model_card(folder: str | Path) -> dict:
 def read_run_config(folder: str | Path) -> RunConfig:
     path = Path(folder) / RUN_CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder (no {RUN_CONFIG_NAME}); "
-                                "pass a folder saved by the train flow or a runs:/ / models:/ URI")
+        raise FileNotFoundError(
+            f"{folder} is not a model folder (no {RUN_CONFIG_NAME}); "
+            "pass a folder saved by the train flow or a runs:/ / models:/ URI"
+        )
     return run_config_from_dict(yaml.safe_load(path.read_text()))
 
 
@@ -114,7 +137,7 @@ def is_base_model(uri: str | Path) -> bool:
 def base_model(uri: str, torch_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, RunConfig]:
     """(untrained generator, run config) of `base:<run config>`, new weights seeded by train.seed."""
     try:
-        run_config = load_run_config(uri[len(BASE_PREFIX):])
+        run_config = load_run_config(uri[len(BASE_PREFIX) :])
     except (FileNotFoundError, ValueError) as error:
         raise ModelNotFoundError(f"{uri} names no usable run config: {error}") from error
     cfg = resolve_model_config(run_config.model, run_config.mlflow.data_dir)
@@ -129,13 +152,17 @@ def resolve_model(uri: str | Path, scratch: str | Path) -> Path:
     if not is_base_model(uri):
         return resolve_model_uri(str(uri), scratch)
     generator, run_config = base_model(str(uri))
-    return save_model_folder(Path(scratch) / "base", generator, run_config, adapter_only=True,
-                             info={"stage": "base", "step": 0})
+    return save_model_folder(
+        Path(scratch) / "base", generator, run_config, adapter_only=True, info={"stage": "base", "step": 0}
+    )
 
 
-def load_model_folder(folder_or_uri: str | Path, torch_dtype: torch.dtype | None = None,
-                      expect: ModelConfig | None = None,
-                      data_dir: str | Path | None = None) -> tuple[torch.nn.Module, RunConfig]:
+def load_model_folder(
+    folder_or_uri: str | Path,
+    torch_dtype: torch.dtype | None = None,
+    expect: ModelConfig | None = None,
+    data_dir: str | Path | None = None,
+) -> tuple[torch.nn.Module, RunConfig]:
     """(generator, run config) from a model folder, `runs:/<id>/model`, `models:/<name>@<alias>`
     or `base:<run config>` (BASE_PREFIX).
 
@@ -157,13 +184,19 @@ def load_model_folder(folder_or_uri: str | Path, torch_dtype: torch.dtype | None
     try:
         generator = specification(cfg).load_generator(generator_dir, torch_dtype=torch_dtype)
     except (RuntimeError, OSError, ValueError) as error:
-        raise IncompatibleCheckpointError(f"cannot load the generator in {generator_dir} as its "
-                                          f"{RUN_CONFIG_NAME} describes it: {error}") from error
+        raise IncompatibleCheckpointError(
+            f"cannot load the generator in {generator_dir} as its {RUN_CONFIG_NAME} describes it: {error}"
+        ) from error
     return generator, run_config
 
 
-def load_pipeline(folder_or_uri: str | Path, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None, data_dir: str | Path | None = None, plain: bool = False):
+def load_pipeline(
+    folder_or_uri: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    data_dir: str | Path | None = None,
+    plain: bool = False,
+):
     """(ProductVideoPipeline on `device`, RunConfig): the generator of the model folder with the
     frozen components (VAE in float32, UMT5, CLIP, scheduler) of its run config's base model,
     compiled and step-cached as the config's model.sampler says. With `plain` the returned

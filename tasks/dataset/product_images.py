@@ -25,7 +25,7 @@ from storage.hashing import sha256_file
 from storage.images import MAX_PIXELS, load_photo, save_png
 from storage.layout import DatasetRoot, UnsafeNameError, check_safe_name
 from storage.rejects import RejectError, reject_row
-from tasks.stage import StageResult, stage_task
+from tasks.dataset.stage import StageResult, stage_task
 
 STAGE = "product_images"
 
@@ -34,6 +34,7 @@ PREFERRED_VIEWS = ("front", "side", "back", "detail", "top", "scene")
 
 
 class ImageConfig(BaseModel):
+    model_config = {"extra": "forbid"}  # a misspelt key in a build config is an error, not ignored
     backend: Literal["rembg", "classic"] = "rembg"
     # A rembg model name, or the path of a local .onnx file (loaded as rembg's u2net_custom).
     rembg_model: str = "u2net"
@@ -51,7 +52,7 @@ class ImageConfig(BaseModel):
     max_pixels: int = Field(MAX_PIXELS, gt=0)  # decompression-bomb guard
 
     @model_validator(mode="after")
-    def _ranges(self) -> "ImageConfig":
+    def _ranges(self) -> ImageConfig:
         if self.min_images > self.max_images:
             raise ValueError(f"min_images ({self.min_images}) > max_images ({self.max_images})")
         if self.min_foreground_fraction >= self.max_foreground_fraction:
@@ -177,15 +178,13 @@ def _cut_out(view: str, image: dict, cfg: ImageConfig) -> Cutout:
 
 
 def _backend_label(cfg: ImageConfig) -> str:
-    """"classic", or "rembg:<model>" with a model file named without its folder."""
+    """ "classic", or "rembg:<model>" with a model file named without its folder."""
     if cfg.backend != "rembg":
         return cfg.backend
     return f"rembg:{Path(cfg.rembg_model).name if is_model_file(cfg.rembg_model) else cfg.rembg_model}"
 
 
-def square_cutout(
-    rgb: np.ndarray, matte: np.ndarray, foreground: np.ndarray, size: int, margin: float
-) -> np.ndarray:
+def square_cutout(rgb: np.ndarray, matte: np.ndarray, foreground: np.ndarray, size: int, margin: float) -> np.ndarray:
     """Crop to the foreground's box (+ margin), fit into size x size keeping the aspect ratio,
     centre on a transparent canvas -> RGBA uint8."""
     ys, xs = np.nonzero(foreground)

@@ -14,6 +14,7 @@ clips, overall and per category (`models.metrics.aggregate`, which also turns pe
 features into FVD). The per-clip rows and the generated videos are written to an output folder
 (atomic writes, one folder per split).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,9 @@ from storage.hashing import sha256_json
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError
 from storage.video import write_video
-from tasks.assemble import SPLITS
-from tasks.precompute import clip_items, load_clip_window, load_product_photos
-from tasks.run_config import DataConfig, EvaluateConfig, RunConfig, prompt_of
+from tasks.dataset.assemble import SPLITS
+from tasks.training.precompute import clip_items, load_clip_window, load_product_photos
+from tasks.training.run_config import DataConfig, EvaluateConfig, RunConfig, prompt_of
 
 ROWS_FILE = "metrics_per_clip.jsonl"
 SUMMARY_FILE = "metrics.json"
@@ -66,8 +67,10 @@ def split_rows(dataset_root: str | Path, split: str, max_clips: int | None = Non
     """
     root = DatasetRoot(Path(dataset_root).expanduser().resolve())
     if not root.has_manifest("dataset"):
-        raise EvaluationError(f"no dataset at {root.root} (manifests/dataset.parquet is missing): "
-                              "run build-dataset first, or pass the dataset root")
+        raise EvaluationError(
+            f"no dataset at {root.root} (manifests/dataset.parquet is missing): "
+            "run build-dataset first, or pass the dataset root"
+        )
     rows = root.read_manifest("dataset").to_pylist()
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
@@ -78,7 +81,8 @@ def split_rows(dataset_root: str | Path, split: str, max_clips: int | None = Non
         raise EvaluationError(
             f"split {split!r} of the dataset at {root.root} has no clips (clips per split: {have}): "
             "add products and rebuild the dataset (build-dataset assigns whole products to splits), "
-            "or evaluate another split")
+            "or evaluate another split"
+        )
     return selected[:max_clips] if max_clips else selected
 
 
@@ -87,13 +91,19 @@ def load_clip(dataset_root: str | Path, row: dict, data: DataConfig) -> ClipInpu
     crop and photo compositing). A clip that does not fit the window is an EvaluationError."""
     root = DatasetRoot(Path(dataset_root).expanduser().resolve())
     try:
-        video, mask = load_clip_window(root, row["video_path"], row["mask_dir"], data.frames, data.frame_stride,
-                                       data.height, data.width)
+        video, mask = load_clip_window(
+            root, row["video_path"], row["mask_dir"], data.frames, data.frame_stride, data.height, data.width
+        )
     except RejectError as error:
         raise EvaluationError(f"clip {row['clip_key']}: {error}") from error
     photos = load_product_photos(root, row["product_images"], data.max_product_images)
-    return ClipInputs(row=row, video=video.permute(1, 2, 3, 0).numpy(), masks=mask[0].numpy() > 0.5,
-                      photos=photos, prompt=prompt_of(row, data.prompt_from))
+    return ClipInputs(
+        row=row,
+        video=video.permute(1, 2, 3, 0).numpy(),
+        masks=mask[0].numpy() > 0.5,
+        photos=photos,
+        prompt=prompt_of(row, data.prompt_from),
+    )
 
 
 def training_data_hashes(dataset_root: str | Path, split: str = "train") -> dict[str, str]:
@@ -103,25 +113,43 @@ def training_data_hashes(dataset_root: str | Path, split: str = "train") -> dict
     precompute's cache key) and the caption, so a re-built clip with changed content is new data.
     """
     root = DatasetRoot(Path(dataset_root).expanduser().resolve())
-    return {item["clip_key"]: sha256_json([item["video_sha256"], item["masks_sha256"], item["image_sha256"],
-                                           item["caption"]])
-            for item in sorted(clip_items(root), key=lambda item: item["clip_key"]) if item["split"] == split}
+    return {
+        item["clip_key"]: sha256_json(
+            [item["video_sha256"], item["masks_sha256"], item["image_sha256"], item["caption"]]
+        )
+        for item in sorted(clip_items(root), key=lambda item: item["clip_key"])
+        if item["split"] == split
+    }
 
 
-def generate_clip(pipe: ProductVideoPipeline, clip: ClipInputs, settings: EvaluateConfig, sampler: SamplerConfig,
-                  callback: Callable[[int, int], None] | None = None) -> np.ndarray:
+def generate_clip(
+    pipe: ProductVideoPipeline,
+    clip: ClipInputs,
+    settings: EvaluateConfig,
+    sampler: SamplerConfig,
+    callback: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Generate the product into the blanked clip; (T, H, W, 3) float in [0, 1]."""
     device = pipe._execution_device
     mask = torch.from_numpy(clip.masks.astype(np.float32))[None, None]  # (1, 1, T, H, W)
     video = torch.from_numpy(clip.video).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W)
     blanked = video * (1 - mask)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    output = pipe(blanked, mask, [clip.photos], clip.prompt, negative_prompt=sampler.negative_prompt,
-                  num_inference_steps=settings.num_inference_steps,
-                  text_guidance_scale=settings.text_guidance_scale,
-                  product_guidance_scale=settings.product_guidance_scale, generator=generator,
-                  feather_px=sampler.feather_px, output_type="pt", callback=callback,
-                  attention_backend=sampler.attention)
+    output = pipe(
+        blanked,
+        mask,
+        [clip.photos],
+        clip.prompt,
+        negative_prompt=sampler.negative_prompt,
+        num_inference_steps=settings.num_inference_steps,
+        text_guidance_scale=settings.text_guidance_scale,
+        product_guidance_scale=settings.product_guidance_scale,
+        generator=generator,
+        feather_px=sampler.feather_px,
+        output_type="pt",
+        callback=callback,
+        attention_backend=sampler.attention,
+    )
     return output[0].permute(1, 2, 3, 0).float().cpu().numpy()
 
 
@@ -141,9 +169,15 @@ def read_rows(folder: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(folder) / ROWS_FILE).read_text().splitlines() if line]
 
 
-def evaluate_split(pipe: ProductVideoPipeline, run_config: RunConfig, dataset_root: str | Path,
-                   split: str, output_dir: str | Path, max_clips: int | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+def evaluate_split(
+    pipe: ProductVideoPipeline,
+    run_config: RunConfig,
+    dataset_root: str | Path,
+    split: str,
+    output_dir: str | Path,
+    max_clips: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Generate and measure every clip of `split`; write rows, summary and videos under output_dir/<split>/.
 
     A clip too short for the frame window is skipped with its reason; a split with no usable
@@ -167,17 +201,27 @@ def evaluate_split(pipe: ProductVideoPipeline, run_config: RunConfig, dataset_ro
         rows.append({key: row[key] for key in IDENTITY_COLUMNS} | metrics)
         with out.atomic_file(f"videos/{row['clip_key']}.mp4") as tmp:
             write_video(tmp, np.round(generated * 255).astype(np.uint8), fps=row["fps"])
-        log(f"{split} {index}/{len(selected)} {row['clip_key']}: "
-            f"psnr_mask {m.value_of(metrics[m.PSNR_MASK]):.2f} dB, ssim_mask {m.value_of(metrics[m.SSIM_MASK]):.3f}")
+        log(
+            f"{split} {index}/{len(selected)} {row['clip_key']}: "
+            f"psnr_mask {m.value_of(metrics[m.PSNR_MASK]):.2f} dB, ssim_mask {m.value_of(metrics[m.SSIM_MASK]):.3f}"
+        )
     if not rows:
-        raise EvaluationError(f"no clip of split {split!r} could be evaluated: "
-                              + "; ".join(s["reason"] for s in skipped[:3]))
+        raise EvaluationError(
+            f"no clip of split {split!r} could be evaluated: " + "; ".join(s["reason"] for s in skipped[:3])
+        )
     summary = m.aggregate(rows, by="category")
     write_rows(folder, rows, {"split": split, "skipped": skipped, **summary})
-    return {"split": split, "rows": rows, "overall": summary["overall"],
-            "by_category": summary["by_category"], "skipped": skipped, "folder": str(folder)}
+    return {
+        "split": split,
+        "rows": rows,
+        "overall": summary["overall"],
+        "by_category": summary["by_category"],
+        "skipped": skipped,
+        "folder": str(folder),
+    }
 
 
 # The pipeline is an argument: results are not cached (a model is not a cache key) or persisted.
-evaluate_split_task = task(evaluate_split, name="evaluate-split", cache_policy=NO_CACHE, persist_result=False,
-                           task_run_name="evaluate {split}")
+evaluate_split_task = task(
+    evaluate_split, name="evaluate-split", cache_policy=NO_CACHE, persist_result=False, task_run_name="evaluate {split}"
+)

@@ -19,6 +19,7 @@ capacity; train criteria met but generalisation failed -> overfitting; flicker -
 All rows that apply are listed; the first is the verdict. All five criteria met -> success; nothing
 failed but something unchecked -> inconclusive, naming what is missing.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -39,14 +40,25 @@ HUMAN_SCORE = "human_score"
 
 # Decision matrix rows of seed 8.2, in order of precedence: (key, result, judgement, next step).
 DECISION_MATRIX = (
-    ("no_convergence", "Loss does not converge", "❌ failure",
-     "check the data, adjust the learning rate, check the code"),
-    ("capacity", "Training poor, loss converged", "⚠️ capacity too small",
-     "more adapter parameters, unfreeze more layers"),
-    ("overfitting", "Training good, generalisation poor", "⚠️ overfitting",
-     "more data, data augmentation, regularisation"),
-    ("flicker", "Severe flicker", "⚠️ temporal problem",
-     "add a temporal loss, adjust the architecture"),
+    (
+        "no_convergence",
+        "Loss does not converge",
+        "❌ failure",
+        "check the data, adjust the learning rate, check the code",
+    ),
+    (
+        "capacity",
+        "Training poor, loss converged",
+        "⚠️ capacity too small",
+        "more adapter parameters, unfreeze more layers",
+    ),
+    (
+        "overfitting",
+        "Training good, generalisation poor",
+        "⚠️ overfitting",
+        "more data, data augmentation, regularisation",
+    ),
+    ("flicker", "Severe flicker", "⚠️ temporal problem", "add a temporal loss, adjust the architecture"),
     ("success", "All criteria met", "✅ success", "scale up the data and train the full model"),
 )
 INCONCLUSIVE_NEXT_STEP = "supply the missing measurements (see 'not checked') and rerun the report"
@@ -69,8 +81,14 @@ class ReportThresholds(BaseModel):
     loss_min_points: int = Field(10, ge=4)
     # Section 6 targets: metric -> (">" or "<", bound); informative, not part of the verdict.
     targets: dict[str, tuple[Literal[">", "<"], float]] = {
-        m.PSNR: (">", 25.0), m.PSNR_MASK: (">", 25.0), m.SSIM: (">", 0.85), m.SSIM_MASK: (">", 0.85),
-        m.LPIPS: ("<", 0.15), m.LPIPS_MASK: ("<", 0.15), m.CLIP_I: (">", 0.8), m.DINO: (">", 0.7),
+        m.PSNR: (">", 25.0),
+        m.PSNR_MASK: (">", 25.0),
+        m.SSIM: (">", 0.85),
+        m.SSIM_MASK: (">", 0.85),
+        m.LPIPS: ("<", 0.15),
+        m.LPIPS_MASK: ("<", 0.15),
+        m.CLIP_I: (">", 0.8),
+        m.DINO: (">", 0.7),
     }
 
 
@@ -107,13 +125,14 @@ def _curve(values: Sequence) -> tuple[np.ndarray, np.ndarray]:
 
 def loss_convergence(history: Sequence, thresholds: ReportThresholds) -> dict:
     """The loss criterion from one curve (see the module doc for the rule)."""
-    target = (f"last {thresholds.loss_window:.0%} mean >= {thresholds.loss_min_drop:.0%} below the "
-              f"first {thresholds.loss_window:.0%}, not rising at the end")
+    target = (
+        f"last {thresholds.loss_window:.0%} mean >= {thresholds.loss_min_drop:.0%} below the "
+        f"first {thresholds.loss_window:.0%}, not rising at the end"
+    )
     name = "training loss converges and decreases stably"
     _, losses = _curve(history)
     if len(losses) < thresholds.loss_min_points:
-        return _criterion(name, target, NOT_CHECKED,
-                          f"{len(losses)} loss values, need {thresholds.loss_min_points}")
+        return _criterion(name, target, NOT_CHECKED, f"{len(losses)} loss values, need {thresholds.loss_min_points}")
     if not np.isfinite(losses).all():
         first_bad = int(np.flatnonzero(~np.isfinite(losses))[0])
         return _criterion(name, target, NOT_MET, f"loss is {losses[first_bad]} at step index {first_bad}")
@@ -123,8 +142,10 @@ def loss_convergence(history: Sequence, thresholds: ReportThresholds) -> dict:
     tail_start, tail_end = losses[-window:-half].mean(), losses[-half:].mean()
     decreased = tail <= (1 - thresholds.loss_min_drop) * head
     settled = tail_end <= (1 + thresholds.loss_max_end_rise) * tail_start
-    evidence = (f"first {window} steps mean {head:.4g} -> last {window} mean {tail:.4g} "
-                f"({(tail - head) / head:+.1%}); end of the tail {tail_start:.4g} -> {tail_end:.4g}")
+    evidence = (
+        f"first {window} steps mean {head:.4g} -> last {window} mean {tail:.4g} "
+        f"({(tail - head) / head:+.1%}); end of the tail {tail_start:.4g} -> {tail_end:.4g}"
+    )
     return _criterion(name, target, MET if decreased and settled else NOT_MET, evidence)
 
 
@@ -145,8 +166,7 @@ def flicker_check(metrics: Mapping, thresholds: ReportThresholds) -> dict:
     generated, why_generated = _usable(metrics.get(m.WARP_ERROR))
     real, why_real = _usable(metrics.get(m.WARP_ERROR_REAL))
     if generated is None or real is None:
-        return _criterion(name, target, NOT_CHECKED,
-                          f"generated: {why_generated or 'ok'}; real: {why_real or 'ok'}")
+        return _criterion(name, target, NOT_CHECKED, f"generated: {why_generated or 'ok'}; real: {why_real or 'ok'}")
     if real <= 0:
         return _criterion(name, target, NOT_CHECKED, "real warping error is 0 (static clips)")
     ratio = generated / real
@@ -170,10 +190,14 @@ def decide(criteria: Mapping[str, dict]) -> dict:
     findings = [key for key, *_ in DECISION_MATRIX if applies[key]]
     outcome = findings[0] if findings else "inconclusive"
     next_step = {key: step for key, _, _, step in DECISION_MATRIX}.get(outcome, INCONCLUSIVE_NEXT_STEP)
-    return {"outcome": outcome, "findings": findings, "next_step": next_step,
-            "not_met": [k for k, s in status.items() if s == NOT_MET],
-            "not_checked": [k for k, s in status.items() if s == NOT_CHECKED],
-            "criteria": dict(criteria)}
+    return {
+        "outcome": outcome,
+        "findings": findings,
+        "next_step": next_step,
+        "not_met": [k for k, s in status.items() if s == NOT_MET],
+        "not_checked": [k for k, s in status.items() if s == NOT_CHECKED],
+        "criteria": dict(criteria),
+    }
 
 
 def _plot_losses(curves: Mapping[str, Sequence], path: Path) -> Path:
@@ -185,12 +209,13 @@ def _plot_losses(curves: Mapping[str, Sequence], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(7, 4))
     for label, values in curves.items():
         steps, values = _curve(values)
-        line, = axis.plot(steps, values, alpha=0.3, linewidth=0.8)
+        (line,) = axis.plot(steps, values, alpha=0.3, linewidth=0.8)
         width = max(1, len(values) // 50)  # the moving average shows the trend through the noise
         if width > 1:
             smooth = np.convolve(values, np.ones(width) / width, mode="valid")
-            axis.plot(steps[width - 1:], smooth, color=line.get_color(),
-                      label=f"{label} (moving mean of {width} points)")
+            axis.plot(
+                steps[width - 1 :], smooth, color=line.get_color(), label=f"{label} (moving mean of {width} points)"
+            )
         else:
             line.set_alpha(1.0)
             line.set_label(label)
@@ -237,10 +262,14 @@ def _metric_cell(metric) -> str:
     return f"{value:.4g}" + (f" ({note})" if note else "")
 
 
-def poc_report(train_metrics: Mapping, test_metrics: Mapping, per_category: Mapping[str, Mapping],
-               loss_history: Mapping[str, Sequence] | Sequence[float],
-               thresholds: ReportThresholds | None = None,
-               figure_dir: str | Path | None = None) -> tuple[str, dict, list[Path]]:
+def poc_report(
+    train_metrics: Mapping,
+    test_metrics: Mapping,
+    per_category: Mapping[str, Mapping],
+    loss_history: Mapping[str, Sequence] | Sequence[float],
+    thresholds: ReportThresholds | None = None,
+    figure_dir: str | Path | None = None,
+) -> tuple[str, dict, list[Path]]:
     """(markdown, verdict, figure paths) of the PoC report.
 
     train_metrics / test_metrics: a split's overall metrics ({name: MetricValue or float}, as
@@ -255,12 +284,18 @@ def poc_report(train_metrics: Mapping, test_metrics: Mapping, per_category: Mapp
     judged = curves.get(thresholds.loss_curve, next(iter(curves.values()), []))
     criteria = {
         "loss": loss_convergence(judged, thresholds),
-        "train_psnr": _threshold(f"train PSNR ({thresholds.train_psnr_metric})",
-                                 train_metrics.get(thresholds.train_psnr_metric), thresholds.train_psnr_min),
+        "train_psnr": _threshold(
+            f"train PSNR ({thresholds.train_psnr_metric})",
+            train_metrics.get(thresholds.train_psnr_metric),
+            thresholds.train_psnr_min,
+        ),
         "train_clip_i": _threshold("train CLIP-I", train_metrics.get(m.CLIP_I), thresholds.train_clip_i_min),
-        "generalisation": _threshold("test generalisation: human score (1-5)",
-                                     test_metrics.get(HUMAN_SCORE), thresholds.test_human_score_min,
-                                     inclusive=True),
+        "generalisation": _threshold(
+            "test generalisation: human score (1-5)",
+            test_metrics.get(HUMAN_SCORE),
+            thresholds.test_human_score_min,
+            inclusive=True,
+        ),
         "temporal": flicker_check(test_metrics, thresholds),
     }
     verdict = decide(criteria)
@@ -271,16 +306,22 @@ def poc_report(train_metrics: Mapping, test_metrics: Mapping, per_category: Mapp
         figure_dir.mkdir(parents=True, exist_ok=True)
         if any(len(values) for values in curves.values()):
             figures.append(_plot_losses(curves, figure_dir / "loss_curves.png"))
-        plotted = [n for n in CATEGORY_PLOT_METRICS
-                   if any(m.value_of(row.get(n)) is not None for row in per_category.values())]
+        plotted = [
+            n for n in CATEGORY_PLOT_METRICS if any(m.value_of(row.get(n)) is not None for row in per_category.values())
+        ]
         if per_category and plotted:
             figures.append(_plot_categories(per_category, plotted, figure_dir / "metrics_per_category.png"))
     return _markdown(verdict, train_metrics, test_metrics, per_category, thresholds, figures), verdict, figures
 
 
-def _markdown(verdict: dict, train_metrics: Mapping, test_metrics: Mapping,
-              per_category: Mapping[str, Mapping], thresholds: ReportThresholds,
-              figures: list[Path]) -> str:
+def _markdown(
+    verdict: dict,
+    train_metrics: Mapping,
+    test_metrics: Mapping,
+    per_category: Mapping[str, Mapping],
+    thresholds: ReportThresholds,
+    figures: list[Path],
+) -> str:
     rows = {key: (result, judgement) for key, result, judgement, _ in DECISION_MATRIX}
     outcome = verdict["outcome"]
     headline = rows[outcome][1] if outcome in rows else "❔ inconclusive"
@@ -291,13 +332,18 @@ def _markdown(verdict: dict, train_metrics: Mapping, test_metrics: Mapping,
         names = ", ".join(verdict["criteria"][k]["criterion"] for k in verdict["not_checked"])
         lines += [f"Not checked (never assumed met): {names}.", ""]
 
-    lines += ["## Success criteria (seed 8.1)", "", "| criterion | target | measured | status |",
-              "|---|---|---|---|"]
-    lines += [f"| {c['criterion']} | {c['target']} | {c['evidence']} | {c['status']} |"
-              for c in verdict["criteria"].values()]
+    lines += ["## Success criteria (seed 8.1)", "", "| criterion | target | measured | status |", "|---|---|---|---|"]
+    lines += [
+        f"| {c['criterion']} | {c['target']} | {c['evidence']} | {c['status']} |" for c in verdict["criteria"].values()
+    ]
 
-    lines += ["", "## Decision matrix (seed 8.2)", "", "| result | judgement | next step | applies |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Decision matrix (seed 8.2)",
+        "",
+        "| result | judgement | next step | applies |",
+        "|---|---|---|---|",
+    ]
     for key, result, judgement, step in DECISION_MATRIX:
         lines.append(f"| {result} | {judgement} | {step} | {'**yes**' if key in verdict['findings'] else 'no'} |")
 
@@ -305,8 +351,13 @@ def _markdown(verdict: dict, train_metrics: Mapping, test_metrics: Mapping,
         lines += ["", "## Figures", ""] + [f"![{path.stem.replace('_', ' ')}]({path.name})" for path in figures]
 
     names = [*thresholds.targets, m.FVD, m.WARP_ERROR, m.WARP_ERROR_REAL, HUMAN_SCORE]
-    lines += ["", "## Metrics (targets of seed section 6, informative)", "",
-              "| metric | train | test | target | test vs target |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Metrics (targets of seed section 6, informative)",
+        "",
+        "| metric | train | test | target | test vs target |",
+        "|---|---|---|---|---|",
+    ]
     for name in names:
         if name not in train_metrics and name not in test_metrics:
             continue
@@ -315,31 +366,43 @@ def _markdown(verdict: dict, train_metrics: Mapping, test_metrics: Mapping,
             sign, bound = thresholds.targets[name]
             target = f"{sign} {bound:g}"
             value, _ = _usable(test_metrics.get(name))
-            status = (NOT_CHECKED if value is None
-                      else MET if (value > bound if sign == ">" else value < bound) else NOT_MET)
+            status = (
+                NOT_CHECKED if value is None else MET if (value > bound if sign == ">" else value < bound) else NOT_MET
+            )
         elif name == m.FVD:
             target = "< 300 is an I3D-FVD target; this is a VideoMAE variant"
             status = "not comparable"
-        lines.append(f"| {name} | {_metric_cell(train_metrics.get(name))} | "
-                     f"{_metric_cell(test_metrics.get(name))} | {target} | {status} |")
+        lines.append(
+            f"| {name} | {_metric_cell(train_metrics.get(name))} | "
+            f"{_metric_cell(test_metrics.get(name))} | {target} | {status} |"
+        )
 
     if per_category:
-        shown = [n for n in (*CATEGORY_PLOT_METRICS, m.FVD)
-                 if any(n in row for row in per_category.values())]
-        lines += ["", "## Test metrics per category", "", "| category | " + " | ".join(shown) + " |",
-                  "|---|" + "---|" * len(shown)]
+        shown = [n for n in (*CATEGORY_PLOT_METRICS, m.FVD) if any(n in row for row in per_category.values())]
+        lines += [
+            "",
+            "## Test metrics per category",
+            "",
+            "| category | " + " | ".join(shown) + " |",
+            "|---|" + "---|" * len(shown),
+        ]
         for category, row in sorted(per_category.items()):
             lines.append(f"| {category} | " + " | ".join(_metric_cell(row.get(n)) for n in shown) + " |")
 
-    lines += ["", "Definitions: PSNR/SSIM/LPIPS `_mask` compare the same mask pixels of generated and "
-              "real clips; warping error is the mean absolute error after warping frame t+1 to t with "
-              "the real clip's optical flow, over non-occluded product pixels; FVD uses VideoMAE "
-              "features. Values computed with untrained test weights never count as results.", ""]
+    lines += [
+        "",
+        "Definitions: PSNR/SSIM/LPIPS `_mask` compare the same mask pixels of generated and "
+        "real clips; warping error is the mean absolute error after warping frame t+1 to t with "
+        "the real clip's optical flow, over non-occluded product pixels; FVD uses VideoMAE "
+        "features. Values computed with untrained test weights never count as results.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def log_report(run_id: str, markdown: str, verdict: dict, figures: Sequence[Path],
-               artifact_dir: str = "report") -> None:
+def log_report(
+    run_id: str, markdown: str, verdict: dict, figures: Sequence[Path], artifact_dir: str = "report"
+) -> None:
     """Log the report, its verdict and figures to an MLflow run (tag `poc.verdict`)."""
     client = MlflowClient()
     client.log_text(run_id, markdown, f"{artifact_dir}/poc_report.md")
@@ -350,16 +413,22 @@ def log_report(run_id: str, markdown: str, verdict: dict, figures: Sequence[Path
 
 
 @task(name="poc-report", version="1")
-def publish_poc_report(train_metrics: Mapping, test_metrics: Mapping,
-                       per_category: Mapping[str, Mapping], loss_history, run_id: str,
-                       thresholds: ReportThresholds | None = None) -> dict:
+def publish_poc_report(
+    train_metrics: Mapping,
+    test_metrics: Mapping,
+    per_category: Mapping[str, Mapping],
+    loss_history,
+    run_id: str,
+    thresholds: ReportThresholds | None = None,
+) -> dict:
     """Build the report, log it to the MLflow run and show it as a Prefect markdown artifact.
 
     A plain Prefect task, not a `stage_task`: it has no dataset root and no manifest rows.
     """
     with tempfile.TemporaryDirectory() as folder:
-        markdown, verdict, figures = poc_report(train_metrics, test_metrics, per_category,
-                                                loss_history, thresholds, folder)
+        markdown, verdict, figures = poc_report(
+            train_metrics, test_metrics, per_category, loss_history, thresholds, folder
+        )
         log_report(run_id, markdown, verdict, figures)
     where = f"\n_Figures: MLflow run `{run_id}`, artifacts under `report/`._\n"
     create_markdown_artifact(markdown + where, key="poc-report", description="PoC report")

@@ -21,6 +21,7 @@ STAGE = "assemble"
 
 
 class SplitConfig(BaseModel):
+    model_config = {"extra": "forbid"}  # a misspelt key in a build config is an error, not ignored
     seed: int = 20260123
     ratios: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, val, test shares")
 
@@ -46,7 +47,7 @@ def assign_splits(categories: dict[str, str], previous: dict[str, str], cfg: Spl
         n = sum(counts.values()) + 1
         return [shares[i] * n - counts[s] for i, s in enumerate(SPLITS)]
 
-    for cat, pids in sorted(by_category.items()):
+    for _category, pids in sorted(by_category.items()):
         in_category = dict.fromkeys(SPLITS, 0)
         for pid in pids:
             if pid in result:
@@ -80,7 +81,11 @@ def assemble(
         images_by_product[img["product_id"]].append(img["image_path"])
     meta = {p["product_id"]: p for p in products}
 
-    usable = [c for c in clips if c["clip_key"] in masks_by_key and c["clip_key"] in masked_by_key and images_by_product.get(c["product_id"])]
+    usable = [
+        c
+        for c in clips
+        if c["clip_key"] in masks_by_key and c["clip_key"] in masked_by_key and images_by_product.get(c["product_id"])
+    ]
     products_with_clips = {c["product_id"] for c in usable}
     rejects = []
     for pid in sorted(set(meta) - products_with_clips):
@@ -108,6 +113,16 @@ def assemble(
                 "fps": c["fps"],
             }
         )
-    seed_fields = ("product_id", "clip_id", "video_path", "masked_video_path", "mask_dir", "product_images", "caption", "num_frames", "fps")
+    seed_fields = (
+        "product_id",
+        "clip_id",
+        "video_path",
+        "masked_video_path",
+        "mask_dir",
+        "product_images",
+        "caption",
+        "num_frames",
+        "fps",
+    )
     dataset_json = {s: [{k: r[k] for k in seed_fields} for r in rows if r["split"] == s] for s in SPLITS}
     return rows, dataset_json, rejects

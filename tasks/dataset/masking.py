@@ -59,13 +59,14 @@ from storage.images import load_mask_png
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError, reject_row
 from storage.video import EncodeSettings, VideoWriter, iter_frames
-from tasks.stage import StageResult, stage_task
+from tasks.dataset.stage import StageResult, stage_task
 
 STAGE = "masking"
 NOISE_BLOCK = 16  # pixels: one H.264 macroblock
 
 
 class MaskConfig(BaseModel):
+    model_config = {"extra": "forbid"}  # a misspelt key in a build config is an error, not ignored
     fill: Literal["zero", "noise"] = "zero"
     noise_seed: int = 0  # combined with the clip key: the same clip always gets the same noise
     crf: int = Field(18, ge=0, le=51)

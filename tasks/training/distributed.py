@@ -1,6 +1,6 @@
-"""What changes when several processes run tasks/train.py's one training loop (docs/distributed.md).
+"""What changes when several processes run tasks/training/train.py's one training loop (docs/distributed.md).
 
-tasks/torchrun.py starts the processes; here is what each of them does differently:
+tasks/training/torchrun.py starts the processes; here is what each of them does differently:
 
 - `World`: this process's rank in torchrun's process group, joined from torchrun's environment
   (`joined_world`), or a plain single process; with the few collectives the loop needs (sum,
@@ -16,13 +16,14 @@ tasks/torchrun.py starts the processes; here is what each of them does different
 - Checkpoints of a torchrun launch are DCP folders (torch.distributed.checkpoint), keyed by
   parameter name, so they load on any number of ranks, a single process included.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,7 @@ from models.device import resolve_device
 from models.product_encoder import ProductEncoder
 from models.transformer import ProductVideoGenerator, ProductWanTransformer
 from storage.layout import DatasetRoot
-from tasks.run_config import TrainConfig
+from tasks.training.run_config import TrainConfig
 
 DCP_METADATA = ".metadata"  # the file DCP's FileSystemWriter writes last, naming every shard
 # A checkpoint holds the stage's trainable weights only (the frozen ones come from the base model).
@@ -113,11 +114,13 @@ def joined_world(train: TrainConfig) -> Iterator[World]:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(_backend(train.distributed.backend, device),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        _backend(train.distributed.backend, device), device_id=device if device.type == "cuda" else None
+    )
     try:
-        yield World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, launched=True,
-                    device=device)
+        yield World(
+            rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, launched=True, device=device
+        )
     finally:
         dist.destroy_process_group()
 
@@ -167,8 +170,10 @@ def gather_model(model: ProductVideoGenerator, world: World) -> ProductVideoGene
         return None
     with torch.device("meta"):
         encoder = model.product_encoder
-        copy = ProductVideoGenerator(ProductWanTransformer.from_config(model.transformer.config),
-                                     None if encoder is None else ProductEncoder.from_config(encoder.config))
+        copy = ProductVideoGenerator(
+            ProductWanTransformer.from_config(model.transformer.config),
+            None if encoder is None else ProductEncoder.from_config(encoder.config),
+        )
     copy.load_state_dict(full, assign=True)
     return copy
 
@@ -188,8 +193,13 @@ class TrainableState(Stateful):
         return {"model": weights, "optimizer": optimizer}
 
     def load_state_dict(self, state: dict) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=CHECKPOINT_OPTIONS)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=CHECKPOINT_OPTIONS,
+        )
 
 
 def _checkpoint_state(model, optimizer, scheduler, ema: EMAModel | None) -> dict:
@@ -197,7 +207,8 @@ def _checkpoint_state(model, optimizer, scheduler, ema: EMAModel | None) -> dict
     load_state_dict() on load. The EMA's shadow weights are shards like the weights they follow.
     No RNG state: every random draw of training comes from seeds derived from (seed, stage, step)."""
     return {"trainable": TrainableState(model, optimizer), "scheduler": scheduler} | (
-        {"ema": ema} if ema is not None else {})
+        {"ema": ema} if ema is not None else {}
+    )
 
 
 def save_sharded(folder: Path, model, optimizer, scheduler, ema: EMAModel | None) -> None:

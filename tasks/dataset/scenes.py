@@ -41,12 +41,13 @@ from storage.hashing import sha256_file
 from storage.layout import DatasetRoot, clip_key
 from storage.rejects import reject_row
 from storage.video import EncodeSettings, VideoError, VideoWriter, iter_frames, probe, resample_cfr
-from tasks.stage import StageResult, stage_task
+from tasks.dataset.stage import StageResult, stage_task
 
 STAGE = "scenes"
 
 
 class SceneConfig(BaseModel):
+    model_config = {"extra": "forbid"}  # a misspelt key in a build config is an error, not ignored
     # Shot detection (PySceneDetect 0.7), on frames downscaled to detect_width.
     detector: Literal["adaptive", "content"] = "adaptive"
     adaptive_threshold: float = 3.0  # AdaptiveDetector: score / rolling mean of neighbours
@@ -68,7 +69,7 @@ class SceneConfig(BaseModel):
     preset: str = "veryfast"
 
     @model_validator(mode="after")
-    def _windows_fit(self) -> "SceneConfig":
+    def _windows_fit(self) -> SceneConfig:
         if self.min_frames > self.max_frames:
             raise ValueError(f"min_clip_s={self.min_clip_s} must not exceed max_clip_s={self.max_clip_s}")
         return self
@@ -102,7 +103,9 @@ def _detection_frame(rgb: np.ndarray, width: int) -> np.ndarray:
 
 
 def iter_shot_frames(
-    frames: Iterable[tuple[int, np.ndarray]], cfg: SceneConfig, prepare: Callable[[np.ndarray], object] = lambda rgb: rgb
+    frames: Iterable[tuple[int, np.ndarray]],
+    cfg: SceneConfig,
+    prepare: Callable[[np.ndarray], object] = lambda rgb: rgb,
 ) -> Iterator[tuple[int, int, object]]:
     """CFR frames (index, RGB) -> (shot number, index, prepare(frame)), in order.
 
@@ -256,18 +259,30 @@ class _ClipCutter:
             return
         cfg = self._cfg
         if self._shot_too_long:
-            self._reject(self._shot_start, end, "shot_too_long",
-                         f"shot of {(end - self._shot_start) / cfg.fps:.2f} s is longer than max_clip_s={cfg.max_clip_s} "
-                         "and split_long_shots is off")
+            self._reject(
+                self._shot_start,
+                end,
+                "shot_too_long",
+                f"shot of {(end - self._shot_start) / cfg.fps:.2f} s is longer than max_clip_s={cfg.max_clip_s} "
+                "and split_long_shots is off",
+            )
         elif end - self._shot_start < cfg.min_frames:
-            self._reject(self._shot_start, end, "shot_too_short",
-                         f"shot of {(end - self._shot_start) / cfg.fps:.2f} s is shorter than min_clip_s={cfg.min_clip_s}")
+            self._reject(
+                self._shot_start,
+                end,
+                "shot_too_short",
+                f"shot of {(end - self._shot_start) / cfg.fps:.2f} s is shorter than min_clip_s={cfg.min_clip_s}",
+            )
         elif self._window is not None and self._window.length >= cfg.min_frames:
             self._close_window()
         elif self._window is not None and self._window.length > 0:
-            self._reject(self._window.start, end, "shot_tail_too_short",
-                         f"last {self._window.length / cfg.fps:.2f} s of a long shot is shorter than "
-                         f"min_clip_s={cfg.min_clip_s}; the shot's earlier windows were kept")
+            self._reject(
+                self._window.start,
+                end,
+                "shot_tail_too_short",
+                f"last {self._window.length / cfg.fps:.2f} s of a long shot is shorter than "
+                f"min_clip_s={cfg.min_clip_s}; the shot's earlier windows were kept",
+            )
         self._window = None
 
     def _reject(self, start: int, end: int, code: str, reason: str) -> None:
@@ -340,5 +355,6 @@ def split_video(video: dict, root: str, cfg: SceneConfig) -> StageResult:
         cutter.abort()
         raise
     return {"rows": cutter.rows, "rejects": cutter.rejects + broken}
+
 
 scenes_task = stage_task("scenes", "2")(split_video)

@@ -98,9 +98,7 @@ def _run_name(stage: str) -> str:
     for key in ("item", "clip", "product", "video"):
         item = params.get(key)
         if isinstance(item, dict):
-            label = item.get("clip_key") or "/".join(
-                str(item[k]) for k in ("product_id", "name") if k in item
-            )
+            label = item.get("clip_key") or "/".join(str(item[k]) for k in ("product_id", "name") if k in item)
             if label:
                 return f"{stage}: {label}"
     return stage

@@ -35,7 +35,7 @@ from storage.images import save_png
 from storage.layout import DatasetRoot
 from storage.rejects import RejectError, reject_row
 from storage.video import probe, read_video
-from tasks.stage import StageResult, stage_task
+from tasks.dataset.stage import StageResult, stage_task
 
 STAGE = "segment"
 
@@ -43,6 +43,7 @@ STAGE = "segment"
 class SegmentConfig(GroundedSam2Settings, ClassicSettings):
     """Backend choice and its settings (inherited), post-processing, and quality thresholds."""
 
+    model_config = {"extra": "forbid"}  # a misspelt key in a build config is an error, not ignored
     backend: Literal["grounded-sam2", "classic"] = "grounded-sam2"
     work_height: int | None = Field(
         240, ge=16, description="segment at this height (aspect kept, never upscaled); None: at the clip's size"
@@ -122,8 +123,8 @@ def temporal_majority(masks: np.ndarray, window: int, motion_px: int = 0) -> np.
         uint8 pass per offset (a cumulative sum in int32 moves 8x the bytes)."""
         counts = stack.astype(np.uint8)
         for offset in range(1, half + 1):
-            counts[:t - offset] += stack[offset:]  # the frame `offset` later
-            counts[offset:] += stack[:t - offset]  # the frame `offset` earlier
+            counts[: t - offset] += stack[offset:]  # the frame `offset` later
+            counts[offset:] += stack[: t - offset]  # the frame `offset` earlier
         return counts
 
     near = dilate(masks, motion_px)

@@ -85,7 +85,9 @@ def _metadata(fs, product_dir: str, pid: str, indexed: dict | None) -> dict:
             raise ValueError(f"meta.json is not valid JSON metadata: {exc}") from exc
         meta |= {k: str(loaded[k]).strip() for k in METADATA_FIELDS if loaded.get(k) is not None}
     meta["category"] = meta["category"] or "unknown"
-    meta["prompt"] = meta["prompt"] or (meta["category"] if meta["category"] != "unknown" else "") or meta["caption"] or "product"
+    meta["prompt"] = (
+        meta["prompt"] or (meta["category"] if meta["category"] != "unknown" else "") or meta["caption"] or "product"
+    )
     return meta
 
 
@@ -121,7 +123,15 @@ def ingest_source(source: str, min_images: int, hash_workers: int = 4) -> Ingest
             continue
         if len(by_folded[name.casefold()]) > 1:
             others = ", ".join(repr(n) for n in by_folded[name.casefold()] if n != name)
-            rejects.append(reject_row(STAGE, item, "product_id_duplicate", f"id {pid!r} collides with {others} when case is ignored; rename one", pid))
+            rejects.append(
+                reject_row(
+                    STAGE,
+                    item,
+                    "product_id_duplicate",
+                    f"id {pid!r} collides with {others} when case is ignored; rename one",
+                    pid,
+                )
+            )
             continue
         indexed = index.get(pid)
         if indexed and "conflict" in indexed:
@@ -136,19 +146,44 @@ def ingest_source(source: str, min_images: int, hash_workers: int = 4) -> Ingest
         images, other_images = _list_files(fs, posixpath.join(product_dir, "images"), IMAGE_EXTENSIONS)
         for sub, names in (("videos", other_videos), ("images", other_images)):
             for n in names:
-                rejects.append(reject_row(STAGE, uri(posixpath.join(product_dir, sub, n)), "unsupported_extension", f"{sub}/{n}: extension not one of {sorted(VIDEO_EXTENSIONS if sub == 'videos' else IMAGE_EXTENSIONS)}", pid))
+                rejects.append(
+                    reject_row(
+                        STAGE,
+                        uri(posixpath.join(product_dir, sub, n)),
+                        "unsupported_extension",
+                        f"{sub}/{n}: extension not one of "
+                        f"{sorted(VIDEO_EXTENSIONS if sub == 'videos' else IMAGE_EXTENSIONS)}",
+                        pid,
+                    )
+                )
         if not videos:
             rejects.append(reject_row(STAGE, item, "no_videos", "product has no video under videos/", pid))
             continue
         if len(images) < min_images:
-            rejects.append(reject_row(STAGE, item, "too_few_images", f"product has {len(images)} photo(s) under images/, needs at least {min_images}", pid))
+            rejects.append(
+                reject_row(
+                    STAGE,
+                    item,
+                    "too_few_images",
+                    f"product has {len(images)} photo(s) under images/, needs at least {min_images}",
+                    pid,
+                )
+            )
             continue
         products.append({"product_id": pid, **meta, "num_videos": len(videos), "num_images": len(images)})
         files_to_hash += [(pid, "video", n, uri(posixpath.join(product_dir, "videos", n))) for n in videos]
         files_to_hash += [(pid, "image", n, uri(posixpath.join(product_dir, "images", n))) for n in images]
 
     for pid in sorted(set(index) - set(dirs)):
-        rejects.append(reject_row(STAGE, f"products.csv:{pid}", "product_missing", f"products.csv lists {pid!r} but the source has no folder of that name", pid if is_safe_name(pid) else None))
+        rejects.append(
+            reject_row(
+                STAGE,
+                f"products.csv:{pid}",
+                "product_missing",
+                f"products.csv lists {pid!r} but the source has no folder of that name",
+                pid if is_safe_name(pid) else None,
+            )
+        )
 
     with ThreadPoolExecutor(hash_workers) as pool:  # hashlib releases the GIL on large reads
         digests = list(pool.map(lambda f: sha256_file(f[3]), files_to_hash))

@@ -2,32 +2,37 @@
 
 `load_run_config("configs/tiny.yaml", ["train.stage1.max_steps=3", "data.frames=5"])` reads the
 file, applies dotted `key=value` overrides (values parsed as YAML, so `3` is an int, `null` is
-None, `[0.9,0.99]` a list) and validates the whole tree; an unknown key or a bad value is an
-error naming it. The resolved config is what MLflow logs as params and what a model folder
-stores as run_config.yaml, so a model can always be rebuilt the way it was trained.
+None, `[0.9,0.99]` a list) and validates the whole tree; an unknown key or a bad value is a
+one-line error naming it (storage/config_files.py, shared with build-dataset's config). The
+resolved config is what MLflow logs as params and what a model folder stores as run_config.yaml,
+so a model can always be rebuilt the way it was trained.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.config import ModelConfig, load_model_config
 from models.metrics import MetricNetworks
 from models.transformer import SPATIAL_FACTOR, TEMPORAL_FACTOR
+from storage.config_files import apply_override, read_mapping, validate_config  # noqa: F401 (apply_override: API)
 from storage.hashing import sha256_json
 from storage.tracking import MODEL_NAME
-from tasks.report import ReportThresholds
+from tasks.training.report import ReportThresholds
 
 # The DiT patchifies latents 2x2, so pixels must be multiples of 8 (VAE) x 2 (patch).
 PIXEL_MULTIPLE = SPATIAL_FACTOR * 2
 
 
 # Keys that change how fast a run trains or samples, not what it trains.
-SPEED_ONLY_KEYS = {"train": {"distributed", "gradient_checkpointing", "attention", "compile"},
-                   "model": {"sampler": {"attention", "compile", "step_cache_threshold"}}}
+SPEED_ONLY_KEYS = {
+    "train": {"distributed", "gradient_checkpointing", "attention", "compile"},
+    "model": {"sampler": {"attention", "compile", "step_cache_threshold"}},
+}
 
 
 class _Section(BaseModel):
@@ -48,7 +53,7 @@ class DataConfig(_Section):
     height: int = Field(480, ge=PIXEL_MULTIPLE)
     width: int = Field(720, ge=PIXEL_MULTIPLE)
     max_product_images: int = Field(4, ge=1)  # the first N photos of a product (seed: 4)
-    # Sample windows per clip, spread evenly over it (tasks/precompute.py): the frames build-dataset
+    # Sample windows per clip, spread evenly over it (tasks/training/precompute.py): the frames build-dataset
     # segmented are frames trained on. Evaluation and sample videos use the first window.
     windows_per_clip: int = Field(1, ge=1)
     # The text prompt: the dataset's caption, or its category word alone (a caption that names the
@@ -154,14 +159,16 @@ class TrainConfig(_Section):
         return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
-    def _every_rank_gets_clips(self) -> "TrainConfig":
+    def _every_rank_gets_clips(self) -> TrainConfig:
         ranks = self.distributed.nproc_per_node
         for name, stage in (("stage1", self.stage1), ("stage2", self.stage2)):
             if stage is not None and stage.batch_size < ranks:
-                raise ValueError(f"train.{name}.batch_size {stage.batch_size} is smaller than "
-                                 f"train.distributed.nproc_per_node {ranks}: each micro-batch is split across "
-                                 "the ranks, so some would have no clip; raise the batch size (and lower "
-                                 "grad_accum to keep the effective batch) or use fewer processes")
+                raise ValueError(
+                    f"train.{name}.batch_size {stage.batch_size} is smaller than "
+                    f"train.distributed.nproc_per_node {ranks}: each micro-batch is split across "
+                    "the ranks, so some would have no clip; raise the batch size (and lower "
+                    "grad_accum to keep the effective batch) or use fewer processes"
+                )
         return self
 
 
@@ -200,10 +207,12 @@ class RunConfig(_Section):
     mlflow: MlflowConfig = MlflowConfig()
 
     @model_validator(mode="after")
-    def _images_fit_model(self) -> "RunConfig":
+    def _images_fit_model(self) -> RunConfig:
         if self.data.max_product_images > self.model.max_product_images:
-            raise ValueError(f"data.max_product_images ({self.data.max_product_images}) exceeds "
-                             f"model.max_product_images ({self.model.max_product_images})")
+            raise ValueError(
+                f"data.max_product_images ({self.data.max_product_images}) exceeds "
+                f"model.max_product_images ({self.model.max_product_images})"
+            )
         return self
 
     def fingerprint(self) -> str:
@@ -234,27 +243,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def apply_override(tree: dict, override: str) -> None:
-    """Set `a.b.c=value` in a nested dict (value parsed as YAML); intermediate sections are created."""
-    if "=" not in override:
-        raise ValueError(f"override {override!r} must look like section.key=value")
-    dotted, text = override.split("=", 1)
-    keys = dotted.strip().split(".")
-    if not all(keys):
-        raise ValueError(f"override {override!r}: empty key in {dotted!r}")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"override {override!r}: {key!r} is a value, not a section")
-        node = child
-    node[keys[-1]] = yaml.safe_load(text)
-
-
 def run_config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
-    for override in overrides:
-        apply_override(data, override)
-    return RunConfig.model_validate(data)
+    return validate_config(RunConfig, data, overrides, where="run config")
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -264,18 +254,19 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     (relative to the run YAML's folder), so run configs share model definitions.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"run config {path} not found (see configs/*.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
+    data = read_mapping(path, "run config", "see configs/*.yaml")
     data.setdefault("name", path.stem)
     if isinstance(data.get("model"), str):
         model_path = path.parent / data["model"]
         if not model_path.is_file():
             raise FileNotFoundError(f"{path}: model config {model_path} not found")
         data["model"] = load_model_config(model_path).model_dump(mode="json")
-    try:
-        return run_config_from_dict(data, list(overrides))
-    except ValidationError as error:
-        raise ValueError(f"{path} (with overrides {list(overrides)}): {error}") from error
+    return validate_config(RunConfig, data, list(overrides), where=str(path))
+
+
+def resolve_run_config(config: str | Path | RunConfig, overrides: list[str] = ()) -> RunConfig:
+    """A run config given as a YAML path (read once, see load_run_config) or as a validated
+    RunConfig (a caller that already read it: retrain), with dotted `overrides` applied."""
+    if isinstance(config, RunConfig):
+        return run_config_from_dict(config.model_dump(mode="json"), list(overrides)) if overrides else config
+    return load_run_config(config, overrides)
