@@ -74,6 +74,14 @@ def test_a_new_product_is_encoded_alone_and_a_rerun_is_cached(runs, newcomer):
     assert (again["ran"], again["cached"]) == (0, len(products))
 
 
+def test_precompute_releases_its_encoders_for_training(runs, dataset, tiny_data_dir):
+    """Training follows in the same process: the encoders must not stay loaded (docs/poc.md)."""
+    _encoders(LatentSpec.from_run_config(tiny_run_config(dataset, tiny_data_dir)))
+    assert _encoders.cache_info().currsize == 1
+    run_precompute(dataset, tiny_data_dir)
+    assert _encoders.cache_info().currsize == 0
+
+
 def test_every_clip_gets_its_tensors_and_a_manifest_row(first_run, dataset, tiny_data_dir):
     cfg = tiny_run_config(dataset, tiny_data_dir)
     clips = pq.read_table(dataset / "manifests/dataset.parquet").to_pylist()

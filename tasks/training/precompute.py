@@ -159,6 +159,15 @@ def _encoders(spec: LatentSpec) -> tuple[ModelSpecification, object, threading.L
         ) from error
 
 
+def release_encoders() -> None:
+    """Drop the encoders and return their device memory: training runs next in the same process
+    (the train flow), and on the PoC's GPU run a batch that fits alone ran out of memory after a
+    precompute of 1,000 products had left its encoders and cached blocks behind (docs/poc.md)."""
+    _encoders.cache_clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def window_starts(num_frames: int, frames: int, stride: int, count: int) -> list[int]:
     """First frames of up to `count` sample windows spread evenly over a clip (the documented
     choice: the first at frame 0, the last ending at the clip's end); too short a clip is a reject."""
@@ -320,19 +329,22 @@ def precompute_latents(cfg: RunConfig) -> dict:
     task = precompute_product_task.with_options(result_storage=cache_storage(root))
     products = product_items(root)
     _encoders(spec)  # load once, before the threads that share them start
-    # Submitted, not called: the flow's thread pool overlaps one product's video and PNG decoding
-    # with another's encoding (a product's own steps stay in order inside its task).
-    futures = [task.submit(product=product, root=str(root.root), spec=spec) for product in products]
     rows, rejects, work = [], [], {"ran": 0, "cached": 0}
-    for product, future in zip(products, futures):
-        future.wait()
-        result, cached = future.state.result(), future.state.name == "Cached"
-        if not all(_readable(root, row) for row in result["rows"]):
-            result = task.with_options(refresh_cache=True)(product=product, root=str(root.root), spec=spec)
-            cached = False
-        work["cached" if cached else "ran"] += 1
-        rows += result["rows"]
-        rejects += result["rejects"]
+    try:
+        # Submitted, not called: the flow's thread pool overlaps one product's video and PNG decoding
+        # with another's encoding (a product's own steps stay in order inside its task).
+        futures = [task.submit(product=product, root=str(root.root), spec=spec) for product in products]
+        for product, future in zip(products, futures):
+            future.wait()
+            result, cached = future.state.result(), future.state.name == "Cached"
+            if not all(_readable(root, row) for row in result["rows"]):
+                result = task.with_options(refresh_cache=True)(product=product, root=str(root.root), spec=spec)
+                cached = False
+            work["cached" if cached else "ran"] += 1
+            rows += result["rows"]
+            rejects += result["rejects"]
+    finally:
+        release_encoders()
     others = []  # rows of other signatures (other configs on the same dataset) stay
     if root.has_manifest("latents"):
         others = [row for row in root.read_manifest("latents").to_pylist() if row["signature"] != spec.signature]
