@@ -85,3 +85,11 @@ def test_performance_results_take_the_measured_figures_and_keep_earlier_ones():
     assert merged["generation"]["plain_compiled_s"] is None
     assert merged["measured"]["train.ours_samples_per_s"] == "2026-12-10"
     assert merged["measured"]["generation.ours_exact_s"] == merged["date"] == "2026-12-11"
+    batch_one = performance_results(
+        [{"name": "check", "path": OURS_DEFAULT, "batch": 1, "step": 2, "max_param_grad_rel_error": 0.003}],
+        "2026-12-11",
+        "NVIDIA H200",
+    )
+    assert merge_results(merged, batch_one)["train"]["max_param_grad_rel_error"] == 0.003  # another day: replaced
+    same_day = merge_results(merge_results(merged, batch_one), later | {"train": {"max_param_grad_rel_error": 0.001}})
+    assert same_day["train"]["max_param_grad_rel_error"] == 0.003  # the same day's runs: the largest
