@@ -48,31 +48,39 @@ DEFAULT_TOLERANCE = 0.05  # per tensor; bf16 between two eager kernels stays wel
 CORRUPT_FACTOR = 1.5  # --corrupt: off by 0.5 in one tensor, under 0.05 over all of the tiny model's gradients
 
 
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+def _squares(value: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(||value - reference||^2, ||reference||^2), in float64."""
     reference = reference.double()
-    scale = reference.norm()
-    error = (value.double() - reference).norm()
+    return float((value.double() - reference).square().sum()), float(reference.square().sum())
+
+
+def _ratio(error: float, scale: float) -> float:
     if scale == 0:
         return 0.0 if error == 0 else float("inf")
-    return float(error / scale)
+    return (error / scale) ** 0.5
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return _ratio(*_squares(value, reference))
 
 
 def gradient_report(candidate: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], worst: int = 5) -> dict:
     """Every tensor's relative error, the largest, the `worst` tensors by name, and the error of
-    all gradients taken as one vector (what hides a small wrong tensor)."""
+    all gradients taken as one vector (what hides a small wrong tensor; summed tensor by tensor,
+    never concatenated: 1.3B weights in float64 would be 11 GB)."""
     if candidate.keys() != reference.keys():
         raise ValueError(f"different parameters: {sorted(candidate.keys() ^ reference.keys())[:5]}")
-    errors = {name: relative_error(candidate[name], reference[name]) for name in reference}
+    errors, total_error, total_scale = {}, 0.0, 0.0
+    for name in reference:
+        error, scale = _squares(candidate[name], reference[name])
+        errors[name] = _ratio(error, scale)
+        total_error, total_scale = total_error + error, total_scale + scale
     ranked = sorted(errors.items(), key=lambda item: item[1], reverse=True)
-    together = relative_error(
-        torch.cat([candidate[n].flatten().double() for n in reference]),
-        torch.cat([reference[n].flatten().double() for n in reference]),
-    )
     return {
         "tensors": len(errors),
         "max_tensor_relative_error": ranked[0][1] if ranked else 0.0,
         "worst": [[name, error] for name, error in ranked[:worst]],
-        "all_gradients_relative_error": together,
+        "all_gradients_relative_error": _ratio(total_error, total_scale),
         "errors": errors,
     }
 
