@@ -7,6 +7,12 @@ model (models:/...@champion | runs:/<id>/model | folder) ─ load pipeline ─�
    ─ register version of `product-video-generator` ─ challenger alias ─ champion if better
 ```
 
+Evaluation compares models on exact output: every step computed, whatever the model's speed
+settings. With `calibrate` (`--calibrate`, or `evaluate.calibration.enabled`) it then measures
+step caches on the model (tasks/training/calibration.py) and records the one it may use, or
+none, on the evaluation run and on the model's registry version (tags `step_cache*`), where
+`python -m flows.generate --fast` reads it.
+
 Settings come from the model's own run config (what it was trained with); `config` replaces its
 `data`, `evaluate`, `registry` and `mlflow` sections (the model section always stays the
 model's), `dataset` its dataset root. The report's train criteria need train-split metrics, so
@@ -38,6 +44,13 @@ from models.device import resolve_device
 from storage import tracking
 from storage.config_files import ConfigError
 from storage.results import add_result_argument, emit_result
+from tasks.training.calibration import (
+    RECORD_ARTIFACT,
+    STEP_CACHE_TAG,
+    calibrate_step_cache_task,
+    registry_tags,
+    registry_version,
+)
 from tasks.training.evaluate import EvaluationError, evaluate_split_task, split_rows
 from tasks.training.model_store import (
     IncompatibleCheckpointError,
@@ -121,8 +134,10 @@ def register_evaluated(
     run_config: RunConfig,
     fingerprint: str,
     log,
+    extra_tags: dict[str, str] | None = None,
 ) -> dict:
-    """A registry version for the evaluated model (see the module doc) and the promotion decision."""
+    """A registry version for the evaluated model (see the module doc) and the promotion decision.
+    extra_tags (a calibration's) go on the new version."""
     name = run_config.registry.model_name
     if source.version is not None:
         log(f"{source.uri} already is version {source.version} of {name}: not registered again")
@@ -147,6 +162,7 @@ def register_evaluated(
             TRAINING_DATA_TAG: fingerprint,
             TRAINING_DATA_RUN_TAG: eval_run_id,
             "dataset_root": str(run_config.data.root),
+            **(extra_tags or {}),
         },
     )
     if run_config.registry.promote:
@@ -174,6 +190,7 @@ def evaluate(
     device: str = "auto",
     overrides: list[str] = [],  # noqa: B006 - a flow parameter (deployments show this default), never mutated
     baseline: str | None = None,
+    calibrate: bool | None = None,
 ) -> dict:
     """Evaluate `model` on `split` (+ a few train clips), report, register, promote if better.
 
@@ -181,7 +198,8 @@ def evaluate(
     of a config, e.g. zero-shot VACE: never registered). config: a run config YAML, or a RunConfig
     a caller has read (retrain). overrides: dotted key=value settings of `config` (its
     data/evaluate/registry/mlflow sections). baseline: another model evaluated on the same split
-    with the same settings (not registered), reported side by side."""
+    with the same settings (not registered), reported side by side. calibrate: measure step
+    caches on the model and record the one it may use (None: evaluate.calibration.enabled)."""
     config = resolve_run_config(config, overrides) if config is not None else None  # read once
     bootstrap = config.mlflow if config is not None else MlflowConfig()
     experiment_id = tracking.setup_mlflow(bootstrap.experiment, bootstrap.data_dir)
@@ -189,9 +207,9 @@ def evaluate(
     if register and is_base_model(model):
         logger.info("%s is an untrained base model: evaluated, not registered", model)
         register = False
-    summary = _evaluate_uri(model, experiment_id, config, dataset, split, register, train_clips, device)
+    summary = _evaluate_uri(model, experiment_id, config, dataset, split, register, train_clips, device, calibrate)
     if baseline is not None:
-        other = _evaluate_uri(baseline, experiment_id, config, dataset, split, False, 0, device)
+        other = _evaluate_uri(baseline, experiment_id, config, dataset, split, False, 0, device, False)
         create_table_artifact(
             comparison_table(summary, other, split),
             key="evaluation-comparison",
@@ -210,11 +228,14 @@ def _evaluate_uri(
     register: bool,
     train_clips: int,
     device: str,
+    calibrate: bool | None = None,
 ) -> dict:
     source = tracking.model_source(model)  # a missing alias fails here with what to do
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:  # a downloaded model is dropped after
         model_dir = resolve_model(model, scratch)
-        return _evaluate_model(source, model_dir, experiment_id, config, dataset, split, register, train_clips, device)
+        return _evaluate_model(
+            source, model_dir, experiment_id, config, dataset, split, register, train_clips, device, calibrate
+        )
 
 
 def comparison_table(summary: dict, baseline: dict, split: str) -> list[dict]:
@@ -244,6 +265,7 @@ def _evaluate_model(
     register: bool,
     train_clips: int,
     device: str,
+    calibrate: bool | None = None,
 ) -> dict:
     """The evaluate flow's body, on a local model folder."""
     logger, model = get_run_logger(), source.uri
@@ -251,9 +273,10 @@ def _evaluate_model(
     run_config = effective_config(model_config, config, dataset)
     root = str(Path(run_config.data.root).expanduser().resolve())
     split_rows(root, split)  # an empty split fails here, before a model is loaded or a run logged
-    pipe, _ = load_pipeline(model_dir, device=resolve_device(device))
+    pipe, _ = load_pipeline(model_dir, device=resolve_device(device))  # exact: every step computed
 
     settings = run_config.evaluate
+    calibrate = settings.calibration.enabled if calibrate is None else calibrate
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=f"evaluate-{split}",
@@ -286,6 +309,11 @@ def _evaluate_model(
             for category, values in result["by_category"].items():
                 mlflow.log_metrics(_numbers(f"{name}/category/{category}", values))
         mlflow.log_artifacts(str(folder), "evaluation")
+        calibration = (
+            _calibrate(pipe, run_config, root, split, run_id, logger.info, register or source.version is not None)
+            if calibrate
+            else None
+        )
 
         test = results[split]
         verdict = publish_poc_report(
@@ -302,11 +330,19 @@ def _evaluate_model(
             description=f"Metrics of {model} ({split} split per category; unavailable = why)",
         )
         fingerprint = _record_training_data(run_id, model_config, read_model_card(model_dir))
+        calibration_tags = None if calibration is None else registry_tags(calibration, run_id)
         registry = (
-            register_evaluated(source, model_dir, run_id, test["overall"], run_config, fingerprint, logger.info)
+            register_evaluated(
+                source, model_dir, run_id, test["overall"], run_config, fingerprint, logger.info, calibration_tags
+            )
             if register
             else {"registered": False, "reason": "register is false"}
         )
+        if calibration_tags and source.version is not None:  # a registry version already: tag it
+            registered_name, version = registry_version(source.uri)
+            for key, value in calibration_tags.items():
+                MlflowClient().set_model_version_tag(registered_name, version, key, value)
+            logger.info("step-cache calibration recorded on version %s of %s", version, registered_name)
 
     summary = {
         "evaluation_run_id": run_id,
@@ -316,9 +352,26 @@ def _evaluate_model(
         "verdict": verdict["outcome"],
         "registry": registry,
         "metrics": {name: {k: m.value_of(v) for k, v in r["overall"].items()} for name, r in results.items()},
+        "calibration": calibration,
     }
     logger.info("evaluation run %s: %s", run_id, json.dumps(summary["metrics"][split]))
     return summary
+
+
+def _calibrate(pipe, run_config: RunConfig, root: str, split: str, run_id: str, log, recorded: bool) -> dict:
+    """Step-cache calibration of the evaluated model, logged to the evaluation run (the record as
+    an artifact, the readable tags, a metric per row); the registry tags follow in register_evaluated."""
+    record = calibrate_step_cache_task(pipe, run_config, root, split, log=log)
+    mlflow.log_dict(record, RECORD_ARTIFACT)
+    mlflow.set_tags({key: value for key, value in registry_tags(record, run_id).items() if key != STEP_CACHE_TAG})
+    for row in record["rows"]:
+        prefix = f"calibration/{row['method']}/{row['threshold']:g}".replace("+", "")  # 1e+09: no + in a name
+        mlflow.log_metrics(
+            {f"{prefix}/{key}": row[key] for key in ("psnr_mask_change_db", "speedup", "full_step_fraction")}
+        )
+    if not recorded:
+        log("the calibration is on the evaluation run only: the model is not a registry version (--fast needs one)")
+    return record
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -347,6 +400,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="another model reported side by side, e.g. base:configs/vace-1.3b.yaml (zero-shot VACE)",
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        default=None,
+        help="also measure step caches on the model and record the one `generate --fast` may use "
+        "(evaluate.calibration in the config: clips, thresholds, the 0.3 dB budget)",
+    )
     add_result_argument(parser)
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
@@ -367,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
             device=args.device,
             overrides=args.overrides,
             baseline=args.baseline,
+            calibrate=args.calibrate,
         )
     except (tracking.ModelNotFoundError, IncompatibleCheckpointError, EvaluationError) as error:
         parser.exit(2, f"error: {error}\n")

@@ -15,6 +15,13 @@ default), a local model folder (`--checkpoint`), or `base:<run config>`, the unt
 config (`--model base:configs/vace-1.3b.yaml` is zero-shot Wan2.1-VACE). An existing output is never overwritten
 without `--overwrite`; the mp4 appears complete or not at all.
 
+Every step is computed (exact) by default. `--fast` uses the step cache the model's registry
+version carries from the evaluate flow's `--calibrate` (tasks/training/calibration.py: the
+largest threshold that kept its mask PSNR within 0.3 dB of exact, and the speed-up measured);
+a model without one is an error, exit status 2, saying so in one sentence: --fast never runs
+something other than what was calibrated, and never silently exact. `--guidance-interval LOW
+HIGH` and `--joint-guidance SCALE` are the sampler's cheaper guidance (models/pipeline.py).
+
 The same as a Prefect flow: `generate(...)` (deployment `generate/default`).
 """
 
@@ -38,11 +45,13 @@ from prefect.artifacts import (
 from models.config import SamplerConfig
 from models.device import resolve_device
 from models.pipeline import ProductVideoPipeline
+from models.speed import StepCache
 from models.transformer import SPATIAL_FACTOR, TEMPORAL_FACTOR
 from storage import tracking
 from storage.images import ImageError, load_mask_png, load_photo_rgba
 from storage.layout import DatasetRoot
 from storage.video import VideoError, probe, read_video, write_video
+from tasks.training.calibration import CalibrationMissing, calibrated_step_cache
 from tasks.training.model_store import IncompatibleCheckpointError, load_pipeline
 from tasks.training.run_config import RunConfig
 
@@ -138,17 +147,28 @@ def load_inputs(
     return GenerateInputs(blanked=blanked, masks=mask, photos=photos, fps=fps)
 
 
-def open_model(
-    model: str, device: str, data_dir: str | Path = "data", plain: bool = False
-) -> tuple[ProductVideoPipeline, RunConfig]:
-    """(pipeline on `device`, the run config it was trained with) of a registry URI, runs:/ URI
-    or local model folder; `plain` swaps the config's sampler speed settings for diffusers' plain
-    path (SamplerConfig.plain). URIs are looked up in MLflow (MLFLOW_TRACKING_URI, else the local
-    store under data_dir)."""
+def use_mlflow(data_dir: str | Path = "data") -> None:
+    """Look model URIs up in MLFLOW_TRACKING_URI, else the local store under data_dir."""
     uri = tracking.tracking_uri(data_dir)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return load_pipeline(model, device=resolve_device(device), plain=plain)
+
+
+def open_model(
+    model: str,
+    device: str,
+    data_dir: str | Path = "data",
+    plain: bool = False,
+    step_cache: StepCache | None = None,
+    steps: int | None = None,
+) -> tuple[ProductVideoPipeline, RunConfig]:
+    """(pipeline on `device`, the run config it was trained with) of a registry URI, runs:/ URI
+    or local model folder; `plain` swaps the config's sampler speed settings for diffusers' plain
+    path (SamplerConfig.plain); `step_cache` (a calibrated one) skips steps in calls of `steps`
+    steps (default the config's). URIs are looked up in MLflow (MLFLOW_TRACKING_URI, else the
+    local store under data_dir)."""
+    use_mlflow(data_dir)
+    return load_pipeline(model, device=resolve_device(device), plain=plain, step_cache=step_cache, steps=steps)
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
@@ -173,8 +193,8 @@ def generate_video(
     overwrite: bool = False,
     callback: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Generate and write the mp4 atomically. Steps, guidance scales, negative prompt and
-    feathering default to `sampler` (the model config's)."""
+    """Generate and write the mp4 atomically. Steps, guidance scales (and the guidance interval
+    or joint branch), negative prompt and feathering default to `sampler` (the model config's)."""
     output = check_output(output, overwrite)
     if len(inputs.photos) > pipe.config.max_product_images:
         raise GenerateInputError(
@@ -197,6 +217,7 @@ def generate_video(
         output_type="np",
         callback=callback,
         attention_backend=sampler.attention,
+        **sampler.guidance_options(),
     )[0]
     with DatasetRoot.create(output.parent).atomic_file(output.name) as tmp:
         write_video(tmp, video, fps=inputs.fps)
@@ -223,19 +244,43 @@ def run_generate(
     plain: bool = False,
     callback: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
+    fast: bool = False,
+    guidance_interval: tuple[float, float] | None = None,
+    joint_guidance: float | None = None,
 ) -> Path:
-    """Check the output and inputs first (cheap), then load the model and generate."""
+    """Check the output and inputs first (cheap), then the calibration `fast` needs, then load the
+    model and generate. guidance_interval / joint_guidance override the model config's sampler."""
+    if fast and plain:
+        raise GenerateInputError("--fast and --plain contradict each other: choose one")
     check_output(output, overwrite)
     inputs = load_inputs(masks, images, masked_video=masked_video, video=video, trim=trim)
     source = checkpoint or model
+    step_cache = None
+    if fast:
+        use_mlflow(data_dir)
+        step_cache, record = calibrated_step_cache(source)  # CalibrationMissing: one sentence
+        log(
+            f"--fast: {step_cache.describe()}, measured {record['speedup']}x faster than exact with the mask "
+            f"PSNR {record['psnr_mask_change_db']:+.3f} dB from exact"
+        )
     log(
         f"{len(inputs.masks)} frames {inputs.masks.shape[2]}x{inputs.masks.shape[1]}, "
         f"{len(inputs.photos)} product images; loading {source}"
     )
-    pipe, run_config = open_model(source, device, data_dir, plain)
+    pipe, run_config = open_model(source, device, data_dir, plain, step_cache, steps)
+    sampler = run_config.model.sampler
+    overrides = {"guidance_interval": guidance_interval, "joint_guidance_scale": joint_guidance}
+    sampler = sampler.model_copy(update={key: value for key, value in overrides.items() if value is not None})
+    if step_cache is not None and sampler.guidance_interval is not None:
+        raise GenerateInputError("--fast's step cache and a guidance interval cannot be combined: drop one")
+    if step_cache is not None and (steps or sampler.num_inference_steps) != step_cache.steps:
+        log(
+            f"--fast: calibrated at {step_cache.steps} steps, generating {steps or sampler.num_inference_steps}: "
+            "the quality at this step count was not measured"
+        )
     return generate_video(
         pipe,
-        run_config.model.sampler,
+        sampler,
         inputs,
         output,
         caption,
@@ -267,9 +312,11 @@ def generate(
     device: str = "auto",
     data_dir: str = "data",
     plain: bool = False,
+    fast: bool = False,
 ) -> str:
     """Generate one product video (see the module doc); progress shows as a Prefect artifact.
-    plain: diffusers' plain path instead of the model config's speed settings (docs/performance.md)."""
+    plain: diffusers' plain path instead of the model config's speed settings (docs/performance.md);
+    fast: the step cache the model's registry version was calibrated for (none: an error)."""
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key="generate-progress", description="sampler steps done")
 
@@ -296,6 +343,7 @@ def generate(
         plain,
         callback=step_done,
         log=logger.info,
+        fast=fast,
     )
     create_markdown_artifact(
         f"Generated `{written.resolve()}` from `{checkpoint or model}` (seed {seed}, caption {caption!r}).",
@@ -331,7 +379,26 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--plain",
         action="store_true",
-        help="diffusers' plain path: no compilation, no step cache, PyTorch's attention order",
+        help="diffusers' plain path: no compilation, PyTorch's attention order",
+    )
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="skip steps with the step cache the model was calibrated for (python -m flows.evaluate "
+        "--calibrate records it on its registry version); without one: an error, exit status 2",
+    )
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="guide only the steps whose noise level sigma (1 = pure noise) is in [LOW, HIGH]",
+    )
+    parser.add_argument(
+        "--joint-guidance",
+        type=float,
+        metavar="SCALE",
+        help="one branch with text and product dropped together, at this scale (2 branches, not 3)",
     )
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -363,8 +430,17 @@ def main(argv: list[str] | None = None) -> Path:
                 args.plain,
                 callback=step_done,
                 log=tqdm.write,
+                fast=args.fast,
+                guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
+                joint_guidance=args.joint_guidance,
             )
-        except (GenerateInputError, FileExistsError, tracking.ModelNotFoundError, IncompatibleCheckpointError) as error:
+        except (
+            GenerateInputError,
+            FileExistsError,
+            tracking.ModelNotFoundError,
+            IncompatibleCheckpointError,
+            CalibrationMissing,
+        ) as error:
             parser.exit(2, f"error: {error}\n")
     print(f"wrote {written.resolve()}")
     return written

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TINY = "tiny"
+# The sampler key of the First Block Cache every model had before calibration (SamplerConfig).
+LEGACY_STEP_CACHE_KEY = "step_cache_threshold"
 
 
 class ObjectiveConfig(BaseModel):
@@ -47,7 +49,13 @@ class ObjectiveConfig(BaseModel):
 
 
 class SamplerConfig(BaseModel):
-    """Defaults of the generation call (each can be overridden per call)."""
+    """Defaults of the generation call (each can be overridden per call).
+
+    Every step is computed: no setting here skips one. A step cache is a property of one trained
+    model, not of a config: the evaluate flow's `--calibrate` measures it on the model and records
+    it on its registry version, and `python -m flows.generate --fast` uses that record
+    (docs/performance.md).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -59,18 +67,51 @@ class SamplerConfig(BaseModel):
     # None: zero text embeddings, the null that training's text dropout uses; a string is encoded.
     negative_prompt: str | None = None
     # Speed (models/speed.py, docs/performance.md). The plain diffusers path is
-    # attention: default, compile: false, step_cache_threshold: null.
+    # attention: default, compile: false.
     attention: Literal["cudnn", "default"] = "cudnn"  # cuDNN's fused attention first (CUDA)
     compile: bool = True  # torch.compile the Wan blocks (CUDA only)
-    # diffusers' First Block Cache: skip the other blocks while the first block's output has
-    # changed by less than this (relative) since the last full step; null = every step exact.
-    # 0.2 cost the PoC model 0.02 dB of mask PSNR (docs/performance.md); re-measure on a new model
-    # with `python -m experiments.poc step-cache --model URI`.
-    step_cache_threshold: float | None = Field(0.2, gt=0)
+    # Guidance at less cost (models/pipeline.py), both off by default (every step guided, three
+    # branches). guidance_interval [low, high]: guide only the steps whose noise level sigma (1 =
+    # pure noise) lies in it, the others run the fully conditioned branch alone (Kynkaanniemi et
+    # al. 2024, "Applying guidance in a limited interval"); [0, 1] guides every step.
+    guidance_interval: tuple[float, float] | None = None
+    # One branch with both conditions dropped instead of separate text and product branches:
+    # v = v(null) + scale * (v(text, product) - v(null)), two branches instead of three; the two
+    # guidance scales are then unused. Equal to the separate branches when both scales equal it.
+    joint_guidance_scale: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_step_cache_setting(cls, data):
+        # step_cache_threshold (a First Block Cache on every model, 0.2 by default) is gone. Model
+        # folders saved with it load without it (tasks/training/model_store.read_run_config); null
+        # is read as what it said, every step exact; a threshold set by hand is refused.
+        if not isinstance(data, dict) or LEGACY_STEP_CACHE_KEY not in data:
+            return data
+        if data[LEGACY_STEP_CACHE_KEY] is not None:
+            raise ValueError(
+                f"model.sampler.{LEGACY_STEP_CACHE_KEY} is gone: generation computes every step; a step "
+                "cache is calibrated per model (python -m flows.evaluate --calibrate) and used by "
+                "python -m flows.generate --fast"
+            )
+        return {key: value for key, value in data.items() if key != LEGACY_STEP_CACHE_KEY}
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval_in_range(cls, value):
+        if value is not None and not 0 <= value[0] <= value[1] <= 1:
+            raise ValueError(f"guidance_interval must be [low, high] with 0 <= low <= high <= 1, got {list(value)}")
+        return value
 
     def plain(self) -> SamplerConfig:
-        """These settings on diffusers' plain path: every step exact, eager, PyTorch's attention order."""
-        return self.model_copy(update={"attention": "default", "compile": False, "step_cache_threshold": None})
+        """These settings on diffusers' plain path: eager, PyTorch's attention order."""
+        return self.model_copy(update={"attention": "default", "compile": False})
+
+    def guidance_options(self) -> dict:
+        """The pipeline call's arguments for guidance at less cost: only those that are on (a
+        pipeline without them, VACE's, is called as before)."""
+        options = {"guidance_interval": self.guidance_interval, "joint_guidance_scale": self.joint_guidance_scale}
+        return {key: value for key, value in options.items() if value is not None}
 
 
 class ModelConfig(BaseModel):

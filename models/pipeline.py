@@ -15,6 +15,15 @@ g_text = g_product = 1 gives the fully conditioned prediction. "No product" is K
 tokens and no reference tokens (exactly the base model plus masked-video channels); the null text
 is the negative prompt's embeddings, or zero embeddings (the training dropout's null) when no
 negative prompt is given.
+
+Guidance at less cost, both off by default (SamplerConfig):
+- joint_guidance_scale g: one branch drops both conditions, v = v(null) + g (v(full) - v(null)):
+  two branches instead of three. With g_text = g_product = g the formula above reduces to this
+  (the no-product branch cancels), so it is the same guidance whenever the scales are equal.
+- guidance_interval [low, high]: guidance only at the steps whose noise level sigma (the
+  scheduler's, 1 = pure noise) lies in the interval; the other steps run the fully
+  conditioned branch alone (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval
+  improves sample and distribution quality in diffusion models"). [0, 1] guides every step.
 """
 
 from __future__ import annotations
@@ -221,6 +230,30 @@ def combine_guidance(v_full, v_no_product, v_uncond, text_scale: float, product_
     return guided
 
 
+def combine_joint_guidance(v_full, v_null, scale: float):
+    """Joint guidance: v(null) + scale (v(full) - v(null)); v_null None (scale 1) is v_full."""
+    return v_full if v_null is None else v_null + scale * (v_full - v_null)
+
+
+def guidance_branches(text_scale: float, product_scale: float, joint_scale: float | None) -> list[tuple[str, bool]]:
+    """The guidance branches a call runs, in order, as (text: "prompt" | "null", with product):
+    the full condition first, then only those the scales need."""
+    if joint_scale is not None:
+        return [("prompt", True)] + ([("null", False)] if joint_scale != 1 else [])
+    branches = [("prompt", True)]
+    if product_scale != 1 or text_scale != 1:
+        branches.append(("prompt", False))
+    if text_scale != 1:
+        branches.append(("null", False))
+    return branches
+
+
+def in_guidance_interval(sigma: float, interval: tuple[float, float] | None) -> bool:
+    """Whether a step at noise level `sigma` is guided: always without an interval, else when
+    sigma lies in [low, high]."""
+    return interval is None or interval[0] <= sigma <= interval[1]
+
+
 class ProductVideoPipeline(DiffusionPipeline):
     """diffusers pipeline over the Wan VAE, UMT5, the product DiT and, for CLIP product tokens,
     the CLIP vision tower and the product encoder (None otherwise). Built by the model
@@ -308,14 +341,24 @@ class ProductVideoPipeline(DiffusionPipeline):
         output_type: str = "pt",
         callback: Callable[[int, int], None] | None = None,
         attention_backend: str = "cudnn",
+        guidance_interval: tuple[float, float] | None = None,
+        joint_guidance_scale: float | None = None,
     ):
         """masked_video (B, 3, T, H, W) in [0, 1], T = 4k+1; mask (B, 1, T, H, W), 1 = put the
         product here; product_images: per sample a list of 1-5 PIL images / uint8 arrays.
         Returns (B, 3, T, H, W) float in [0, 1] ("pt"), (B, T, H, W, 3) uint8 ("np"), or the
         normalised latents ("latent"). callback(step, total) is called after each step.
         attention_backend: "cudnn" (cuDNN's fused attention first on CUDA) or "default"
-        (PyTorch's order), see models/speed.py; compilation and the step cache are set on the
-        transformer (models.speed.apply_generation_speed)."""
+        (PyTorch's order), see models/speed.py; compilation and a step cache are set on the
+        transformer (models.speed). guidance_interval, joint_guidance_scale: guidance at less
+        cost (the module doc), None = off."""
+        if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1] <= 1:
+            raise ValueError(f"guidance_interval must be (low, high) within [0, 1], got {guidance_interval}")
+        if guidance_interval is not None and self.transformer.wan.is_cache_enabled:
+            raise ValueError(
+                "a step cache compares each step with the previous one of the same batch, and the "
+                "guidance interval changes the batch between steps: use one or the other"
+            )
         with speed.attention(attention_backend, self._execution_device):
             return self._generate(
                 masked_video,
@@ -330,6 +373,8 @@ class ProductVideoPipeline(DiffusionPipeline):
                 feather_px,
                 output_type,
                 callback,
+                guidance_interval,
+                joint_guidance_scale,
             )
 
     def _generate(
@@ -346,6 +391,8 @@ class ProductVideoPipeline(DiffusionPipeline):
         feather_px,
         output_type,
         callback,
+        guidance_interval=None,
+        joint_guidance_scale=None,
     ):
         prompts = [prompt] * masked_video.shape[0] if isinstance(prompt, str) else list(prompt)
         self._check_inputs(masked_video, mask, product_images, prompts)
@@ -362,12 +409,14 @@ class ProductVideoPipeline(DiffusionPipeline):
         )
         product, references, photo_mask = self._encode_photos(product_images, masked_video.shape[-2:], dtype)
 
-        # Branch order: full, no product, neither; only those the scales need.
-        branches = [(text, True)]
-        if product_guidance_scale != 1 or text_guidance_scale != 1:
-            branches.append((text, False))
-        if text_guidance_scale != 1:
-            branches.append((null_text, False))
+        # Branch order: full, no product, neither (or full, neither: joint); only those the scales need.
+        texts = {"prompt": text, "null": null_text}
+        branches = [
+            (texts[which], with_product)
+            for which, with_product in guidance_branches(
+                text_guidance_scale, product_guidance_scale, joint_guidance_scale
+            )
+        ]
         branch_text = torch.cat([t for t, _ in branches])
         keep = torch.tensor([float(with_product) for _, with_product in branches], device=device)
         keep = keep.repeat_interleave(batch)
@@ -385,21 +434,31 @@ class ProductVideoPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self.transformer.reset_step_cache()  # a step cache compares with the previous step of this call only
+        sigmas = self.scheduler.sigmas.tolist()  # the noise level of each step (timesteps are sigma x 1000)
         for step, t in enumerate(timesteps):
+            # Outside the guidance interval only the first branch (the full condition) runs.
+            count = len(branches) if in_guidance_interval(sigmas[step], guidance_interval) else 1
+            rows = count * batch
             dit_input = build_dit_input(latents, masked_latents, packed_mask).to(dtype)
-            dit_input = dit_input.repeat(len(branches), 1, 1, 1, 1)
-            with self.transformer.wan.cache_context("guided"):  # all branches are one batch, one cache
+            dit_input = dit_input.repeat(count, 1, 1, 1, 1)
+            with self.transformer.wan.cache_context(speed.CACHE_CONTEXT):  # all branches are one batch, one cache
                 velocity = self.transformer(
                     dit_input,
                     t.expand(dit_input.shape[0]),
-                    branch_text,
-                    branch_product,
-                    branch_references,
-                    branch_keys,
+                    branch_text[:rows],
+                    None if branch_product is None else branch_product[:rows],
+                    None if branch_references is None else branch_references[:rows],
+                    None if branch_keys is None else branch_keys[:rows],
                     return_dict=False,
                 )[0].float()
-            parts = list(velocity.chunk(len(branches))) + [None] * (3 - len(branches))
-            guided = combine_guidance(*parts, text_scale=text_guidance_scale, product_scale=product_guidance_scale)
+            parts = list(velocity.chunk(count))
+            if count == 1:
+                guided = parts[0]
+            elif joint_guidance_scale is not None:
+                guided = combine_joint_guidance(*parts, scale=joint_guidance_scale)
+            else:
+                parts += [None] * (3 - count)
+                guided = combine_guidance(*parts, text_scale=text_guidance_scale, product_scale=product_guidance_scale)
             latents = self.scheduler.step(guided, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(step + 1, len(timesteps))

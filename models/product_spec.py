@@ -259,3 +259,6 @@ class ProductSpecification(ModelSpecification):
         device: torch.device | str,
     ) -> None:
         speed.apply_generation_speed(pipeline.transformer, compile_blocks, step_cache_threshold, device)
+
+    def enable_step_cache(self, pipeline: ProductVideoPipeline, cache, steps: int | None = None) -> None:
+        speed.enable_step_cache(pipeline.transformer, cache, steps)

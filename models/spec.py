@@ -126,7 +126,14 @@ class ModelSpecification(ABC):
     def speed_up_generation(
         self, pipeline, compile_blocks: bool, step_cache_threshold: float | None, device: torch.device | str
     ) -> None:
-        """Compiled blocks (CUDA) and, where the backend allows it, a step cache."""
+        """Compiled blocks (CUDA) and, where the backend allows it, a First Block Cache at
+        `step_cache_threshold` (None: every step exact, what generation and evaluation run)."""
+
+    def enable_step_cache(self, pipeline, cache, steps: int | None = None) -> None:
+        """Put a calibrated step cache (models.speed.StepCache, None: exact) on the pipeline's
+        denoiser for calls of `steps` steps; a backend that cannot skip steps refuses it."""
+        if cache is not None:
+            raise ValueError(f"the {self.cfg.backend} backend takes no step cache: every step is computed")
 
 
 def check_stage(stage: str) -> str:

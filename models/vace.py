@@ -417,8 +417,16 @@ class VaceProductPipeline(WanVACEPipeline):
         output_type: str = "pt",
         callback=None,
         attention_backend: str = "cudnn",
+        guidance_interval: tuple[float, float] | None = None,
+        joint_guidance_scale: float | None = None,
     ):
-        """As ProductVideoPipeline.__call__; a sample's empty photo list means no reference images."""
+        """As ProductVideoPipeline.__call__; a sample's empty photo list means no reference images.
+        diffusers' VACE loop guides every step on the text alone: no guidance interval, no joint branch."""
+        if guidance_interval is not None or joint_guidance_scale is not None:
+            raise ValueError(
+                "the vace backend guides every step on the text alone (diffusers' loop): "
+                "set model.sampler.guidance_interval and joint_guidance_scale to null"
+            )
         batch, channels, frames, height, width = masked_video.shape
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         if channels != 3 or mask.shape != (batch, 1, frames, height, width):

@@ -82,6 +82,67 @@ def test_guidance_scales_change_the_result_and_one_branch_is_plain_conditioning(
     assert not torch.allclose(guided, conditional) and not torch.allclose(product_only, conditional)
 
 
+def test_guidance_interval_full_is_todays_output_and_empty_is_the_unguided_path(pipe):
+    """Off by default; [0, 1] guides every step (bit for bit today's sampler), an interval no
+    step's noise level falls in runs the fully conditioned branch alone (scales 1, one branch)."""
+    today = generate(pipe, 0, output_type="latent")
+    assert torch.equal(generate(pipe, 0, output_type="latent", guidance_interval=(0.0, 1.0)), today)
+    unguided = generate(pipe, 0, output_type="latent", text_guidance_scale=1.0, product_guidance_scale=1.0)
+    assert torch.equal(generate(pipe, 0, output_type="latent", guidance_interval=(0.0, 0.0)), unguided)
+    partly = generate(pipe, 0, output_type="latent", guidance_interval=(0.7, 1.0))  # sigmas 1, 0.86, 0.6
+    assert not torch.allclose(partly, today) and not torch.allclose(partly, unguided)
+
+
+def test_guidance_interval_runs_one_branch_outside_it(pipe):
+    """The saving: steps outside the interval send one branch (not three) through the DiT."""
+    batches = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        generate(pipe, 0, output_type="latent", guidance_interval=(0.7, 1.0))
+    finally:
+        handle.remove()
+    assert batches == [6, 6, 2]  # batch 2 x 3 branches at sigma 1 and 0.86, the full condition alone at 0.6
+
+
+def test_joint_condition_drop_branch(pipe):
+    """Two branches (full, both dropped); the same guidance as the three separate branches when
+    both scales equal the joint one (the no-product branch cancels), other guidance otherwise."""
+    from models.pipeline import guidance_branches
+
+    assert guidance_branches(5.0, 3.0, None) == [("prompt", True), ("prompt", False), ("null", False)]
+    assert guidance_branches(5.0, 3.0, 4.0) == [("prompt", True), ("null", False)]
+    assert guidance_branches(5.0, 3.0, 1.0) == [("prompt", True)]
+    separate = generate(pipe, 0, output_type="latent", text_guidance_scale=4.0, product_guidance_scale=4.0)
+    joint = generate(pipe, 0, output_type="latent", joint_guidance_scale=4.0)
+    torch.testing.assert_close(joint, separate, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(joint, generate(pipe, 0, output_type="latent"))  # today: 5 and 3
+    unguided = generate(pipe, 0, output_type="latent", text_guidance_scale=1.0, product_guidance_scale=1.0)
+    assert torch.equal(generate(pipe, 0, output_type="latent", joint_guidance_scale=1.0), unguided)
+
+
+def test_guidance_options_are_off_by_default_and_checked():
+    from models.config import SamplerConfig
+
+    assert SamplerConfig().guidance_options() == {}  # the pipeline is called exactly as before
+    on = SamplerConfig(guidance_interval=(0.2, 0.8), joint_guidance_scale=4.0)
+    assert on.guidance_options() == {"guidance_interval": (0.2, 0.8), "joint_guidance_scale": 4.0}
+    with pytest.raises(ValueError, match="0 <= low <= high <= 1"):
+        SamplerConfig(guidance_interval=(0.8, 0.2))
+
+
+def test_guidance_interval_is_refused_with_a_step_cache_and_outside_zero_one(pipe):
+    from models import speed
+
+    with pytest.raises(ValueError, match="within"):
+        generate(pipe, 0, guidance_interval=(0.5, 1.5))
+    speed.enable_step_cache(pipe.transformer, speed.StepCache(speed.FIRST_BLOCK_CACHE, 0.1, 3))
+    try:
+        with pytest.raises(ValueError, match="use one or the other"):
+            generate(pipe, 0, guidance_interval=(0.2, 0.8))
+    finally:
+        speed.disable_step_cache(pipe.transformer)
+
+
 def test_each_photo_path_carries_the_photos(pipe):
     masked_video, mask, images = scene()
     other = [[255 - image for image in photos] for photos in images]

@@ -149,6 +149,7 @@ def generate_clip(
         output_type="pt",
         callback=callback,
         attention_backend=sampler.attention,
+        **sampler.guidance_options(),
     )
     return output[0].permute(1, 2, 3, 0).float().cpu().numpy()
 

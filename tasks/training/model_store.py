@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from models.config import TINY, ModelConfig
+from models.config import LEGACY_STEP_CACHE_KEY, TINY, ModelConfig
 from models.spec import specification
+from models.speed import StepCache
 from models.tiny import save_tiny, tiny_folder_name
 from storage.layout import DatasetRoot
 from storage.tracking import ModelNotFoundError, resolve_model_uri
@@ -127,7 +128,13 @@ def read_run_config(folder: str | Path) -> RunConfig:
             f"{folder} is not a model folder (no {RUN_CONFIG_NAME}); "
             "pass a folder saved by the train flow or a runs:/ / models:/ URI"
         )
-    return run_config_from_dict(yaml.safe_load(path.read_text()))
+    data = yaml.safe_load(path.read_text())
+    # Folders saved before step caches were calibrated per model say step_cache_threshold: 0.2
+    # (the default then): read without it, the model generates every step (models/config.py).
+    sampler = (data.get("model") or {}).get("sampler") if isinstance(data, dict) else None
+    if isinstance(sampler, dict):
+        sampler.pop(LEGACY_STEP_CACHE_KEY, None)
+    return run_config_from_dict(data)
 
 
 def is_base_model(uri: str | Path) -> bool:
@@ -196,11 +203,14 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     data_dir: str | Path | None = None,
     plain: bool = False,
+    step_cache: StepCache | None = None,
+    steps: int | None = None,
 ):
     """(ProductVideoPipeline on `device`, RunConfig): the generator of the model folder with the
     frozen components (VAE in float32, UMT5, CLIP, scheduler) of its run config's base model,
-    compiled and step-cached as the config's model.sampler says. With `plain` the returned
-    config's sampler is SamplerConfig.plain(): diffusers' plain path."""
+    compiled as the config's model.sampler says. Every step is computed unless `step_cache` (a
+    calibrated one, for calls of `steps` steps: default the calibrated count) is given. With
+    `plain` the returned config's sampler is SamplerConfig.plain(): diffusers' plain path."""
     generator, run_config = load_model_folder(folder_or_uri, torch_dtype=dtype, data_dir=data_dir)
     if plain:
         model = run_config.model.model_copy(update={"sampler": run_config.model.sampler.plain()})
@@ -209,5 +219,7 @@ def load_pipeline(
     spec = specification(cfg)
     pipe = spec.pipeline(generator, dtype).to(device)
     sampler = run_config.model.sampler
-    spec.speed_up_generation(pipe, sampler.compile, sampler.step_cache_threshold, device)
+    spec.speed_up_generation(pipe, sampler.compile, None, device)
+    if step_cache is not None:
+        spec.enable_step_cache(pipe, step_cache, steps)
     return pipe, run_config

@@ -28,10 +28,12 @@ from tasks.training.report import ReportThresholds
 PIXEL_MULTIPLE = SPATIAL_FACTOR * 2
 
 
-# Keys that change how fast a run trains or samples, not what it trains.
+# Keys that change how fast a run trains or samples, not what it trains (the guidance options
+# came after runs were named by this fingerprint: left out, an older run keeps its name).
 SPEED_ONLY_KEYS = {
     "train": {"distributed", "gradient_checkpointing", "attention", "compile"},
-    "model": {"sampler": {"attention", "compile", "step_cache_threshold"}},
+    "model": {"sampler": {"attention", "compile", "guidance_interval", "joint_guidance_scale"}},
+    "evaluate": {"calibration"},
 }
 
 
@@ -172,6 +174,30 @@ class TrainConfig(_Section):
         return self
 
 
+class CalibrationConfig(_Section):
+    """Step-cache calibration of the evaluated model (tasks/training/calibration.py): its first
+    `clips` clips of the evaluated split generated exact, then with each step cache at each
+    threshold; the largest threshold whose mask-region PSNR (against the real clips, the primary
+    metric) moves by at most max_psnr_change_db, with at least min_speedup, is recorded on the
+    model's registry version for `generate --fast`. Off unless enabled (or evaluate --calibrate)."""
+
+    enabled: bool = False
+    clips: int = Field(4, ge=1)
+    # Thresholds of diffusers' First Block Cache (relative change of the first block's output)
+    # and MagCache (accumulated error predicted from the model's magnitude ratios); [] = not tried.
+    first_block_cache: list[float] = [0.05, 0.1, 0.2, 0.3]
+    mag_cache: list[float] = [0.02, 0.04, 0.06, 0.12]
+    max_psnr_change_db: float = Field(0.3, gt=0)
+    min_speedup: float = Field(1.05, ge=0)
+
+    @field_validator("first_block_cache", "mag_cache")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(threshold <= 0 for threshold in value):
+            raise ValueError(f"step cache thresholds must be positive, got {value}")
+        return sorted(set(value))
+
+
 class EvaluateConfig(_Section):
     split: str = "test"
     num_inference_steps: int = Field(50, ge=1)
@@ -183,6 +209,7 @@ class EvaluateConfig(_Section):
     primary_metric: str = "psnr_mask"
     higher_is_better: bool = True
     thresholds: ReportThresholds = ReportThresholds()
+    calibration: CalibrationConfig = CalibrationConfig()
 
 
 class RegistryConfig(_Section):

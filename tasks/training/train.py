@@ -493,6 +493,7 @@ def generate_samples(pipeline, batch: ValidationBatch, cfg: RunConfig, device: t
             product_guidance_scale=cfg.model.sampler.product_guidance_scale,
             generator=torch.Generator(device=device).manual_seed(cfg.train.seed),
             attention_backend=cfg.model.sampler.attention,
+            **cfg.model.sampler.guidance_options(),
         )
     return sample_panels(batch, generated.float().cpu())
 
